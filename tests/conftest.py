@@ -1,0 +1,68 @@
+"""Shared test fixtures.
+
+Tests that need root, /dev/fuse or a Debian tool call `need(...)`: outside CI a missing part
+skips the test with the reason; under CI=true it fails, because CI's own set-up must provide it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, why: str) -> None:
+    """Skip (or under CI, fail) when a precondition of the test is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"missing under CI: {why}")
+    pytest.skip(why)
+
+
+def need_root() -> None:
+    need(os.geteuid() == 0, "needs root")
+
+
+def need_fuse() -> None:
+    need_root()
+    need(os.path.exists("/dev/fuse"), "needs /dev/fuse")
+    need(shutil.which("fusermount3") is not None, "needs fuse3 (fusermount3)")
+
+
+def need_tool(*names: str) -> None:
+    for name in names:
+        need(shutil.which(name) is not None, f"needs {name} (Debian package)")
+
+
+@pytest.fixture
+def store_root(tmp_path: Path) -> Path:
+    """A fresh, empty cowfs store root."""
+    root = tmp_path / "store"
+    root.mkdir()
+    return root
+
+
+def _mounted_under(base: Path) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4].replace("\\040", " ")
+            if mnt == str(base) or mnt.startswith(str(base) + "/"):
+                out.append(mnt)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_mounts(tmp_path: Path) -> Iterator[None]:
+    """Unmount anything a test left mounted under its tmp_path, even when the test failed."""
+    yield
+    for mnt in sorted(_mounted_under(tmp_path), key=len, reverse=True):
+        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
