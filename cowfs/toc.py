@@ -174,7 +174,8 @@ class Toc:
     def dumps(self) -> tuple[bytes, str]:
         """The on-disk bytes and the layer id."""
         payload = self.canonical_json()
-        blob = TOC_MAGIC + xxhash.xxh128_digest(payload) + zstandard.ZstdCompressor(level=9).compress(payload)
+        packed = zstandard.ZstdCompressor(level=9).compress(payload)
+        blob = TOC_MAGIC + xxhash.xxh128_digest(payload) + packed
         return blob, hashlib.sha256(payload).hexdigest()
 
     @classmethod
