@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cowfs import objects
+from cowfs.errors import Corruption, NotFound
+from cowfs.objects import FRAME_SIZE, ObjectStore, digest_bytes
+
+from .conftest import need_tool
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ObjectStore:
+    return ObjectStore(tmp_path / "objects", tmp_path / "tmp")
+
+
+def text(n: int) -> bytes:
+    line = b"the quick brown fox jumps over the lazy dog %d\n"
+    out = b"".join(line % i for i in range(n // 40 + 1))
+    return out[:n]
+
+
+SIZES = [0, 1, 100, FRAME_SIZE - 1, FRAME_SIZE, FRAME_SIZE + 1, 5 * FRAME_SIZE + 7]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", ["text", "random"])
+def test_roundtrip_and_random_access(store: ObjectStore, size: int, kind: str) -> None:
+    data = text(size) if kind == "text" else os.urandom(size)
+    d = store.put_bytes(data)
+    assert d == digest_bytes(data)
+    assert store.read(d) == data
+    with store.open(d) as r:
+        assert r.size == size
+        for off, n in [(0, 10), (size // 2, 4096), (max(0, size - 3), 100), (FRAME_SIZE - 2, 5)]:
+            assert r.pread(n, off) == data[off : off + n]
+        assert r.pread(10, size + 5) == b""
+    store.verify(d)
+
+
+def test_stream_matches_bytes_and_is_idempotent(store: ObjectStore) -> None:
+    data = text(3 * FRAME_SIZE + 99)
+    d1 = store.put_stream(io.BytesIO(data))
+    d2 = store.put_bytes(data)
+    assert d1 == d2
+    assert list(store) == [d1]
+    assert store.read(d1) == data
+
+
+def test_incompressible_is_raw_and_compressible_is_seekable(store: ObjectStore) -> None:
+    rnd = os.urandom(2 * FRAME_SIZE + 5)
+    d = store.put_stream(io.BytesIO(rnd))
+    raw = store.path(d).read_bytes()
+    assert raw.startswith(rnd) and raw.endswith(b"COWRAW01")
+    assert store.read(d) == rnd
+    d2 = store.put_bytes(text(4 * FRAME_SIZE))
+    assert store.stored_size(d2) < FRAME_SIZE
+
+
+def test_plain_zstd_reads_seekable_objects(store: ObjectStore, tmp_path: Path) -> None:
+    need_tool("zstd")
+    data = text(3 * FRAME_SIZE + 1)
+    d = store.put_bytes(data)
+    out = subprocess.run(["zstd", "-dc", str(store.path(d))], capture_output=True, check=True)
+    assert out.stdout == data
+
+
+@pytest.mark.parametrize("kind", ["text", "random"])
+def test_flipped_byte_is_corruption_not_wrong_bytes(store: ObjectStore, kind: str) -> None:
+    data = text(3 * FRAME_SIZE) if kind == "text" else os.urandom(3 * FRAME_SIZE)
+    d = store.put_bytes(data)
+    p = store.path(d)
+    blob = bytearray(p.read_bytes())
+    blob[len(blob) // 3] ^= 0x40
+    os.chmod(p, 0o644)
+    p.write_bytes(bytes(blob))
+    fresh = ObjectStore(store.root, store.tmp)  # no cached frames
+    with pytest.raises(Corruption):
+        fresh.read(d)
+    with pytest.raises(Corruption):
+        fresh.verify(d)
+
+
+def test_truncated_object_is_corruption(store: ObjectStore) -> None:
+    d = store.put_bytes(text(2 * FRAME_SIZE))
+    p = store.path(d)
+    os.chmod(p, 0o644)
+    p.write_bytes(p.read_bytes()[:-30])
+    with pytest.raises(Corruption):
+        ObjectStore(store.root, store.tmp).read(d)
+
+
+def test_missing_object(store: ObjectStore) -> None:
+    with pytest.raises(NotFound):
+        store.open("0" * 32)
+    with pytest.raises(NotFound):
+        store.path("../../etc/passwd")
+
+
+def test_no_temp_files_left(store: ObjectStore) -> None:
+    store.put_stream(io.BytesIO(os.urandom(3 * FRAME_SIZE)))
+    store.put_stream(io.BytesIO(text(3 * FRAME_SIZE)))
+    assert os.listdir(store.tmp) == []
+
+
+def test_frame_size_is_the_unit_of_work() -> None:
+    assert objects.FRAME_SIZE % 4096 == 0
