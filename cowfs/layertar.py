@@ -1,0 +1,685 @@
+"""Tar layers in and out of the store.
+
+Import reads one layer blob (uncompressed, gzip or zstd: detected by magic, not by media type)
+as a stream, once: the sha256 of the blob and of the uncompressed tar (the diff_id) are computed
+on the way through, file contents stream into the object store through a LayerBuilder, and
+nothing is visible until the blob has been read to its end and both digests checked.
+
+Reading of a layer, entry by entry (the OCI layer spec, with docker's choices where it is silent):
+
+* names are cleaned by pathsafe ("./a", "/a" and "a" are the same entry; ".." that escapes is
+  refused); an entry whose parent is a symlink or a non-directory *in the same layer* is refused
+  (a tar extractor would write through the symlink, possibly out of the root);
+* `.wh.<name>` hides <name> of the layers below, `.wh..wh..opq` hides everything below in its
+  directory; a whiteout of a whiteout (`.wh..wh.x`) is refused. A whiteout whose path also exists
+  in the same layer only hides the lower layers: for a directory that is an opaque directory;
+* duplicates: the later entry wins, as docker's extraction does; a non-directory that replaces a
+  directory removes what the layer had put below it;
+* hard links point at an earlier entry of the same layer (missing, directory or escaping targets
+  are refused); every name of the link shares the target's inode metadata (one hard-link group);
+* symlink targets are kept verbatim (they are resolved inside the container, never on the host);
+* char/block devices and fifos are kept as entries (nothing is created on the host);
+* xattrs come from PAX `SCHILY.xattr.<name>` (and libarchive's `LIBARCHIVE.xattr.<name>`);
+* GNU and PAX sparse files are read with their holes as zeros (the store compresses them away);
+* times: PAX mtime/atime/ctime keep nanoseconds; without PAX atime and ctime, they equal mtime.
+
+Decompression bombs are refused by a size budget (see Limits): both the decompressed stream and
+the sum of file sizes (sparse files count their full size) must stay within
+max(Limits.floor, Limits.max_ratio * blob size). An entry whose declared size would exceed the
+budget is refused from its header, before a byte of it is read.
+
+Export writes a deterministic tar: entries in tree order, PAX format, numeric owners, xattrs as
+SCHILY.xattr, hard links as link entries to the first name of their group, whiteouts as
+`.wh.` files and opaque directories as `.wh..wh..opq` right after the directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import zlib
+from base64 import b64decode
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import BinaryIO, NamedTuple
+from urllib.parse import unquote
+
+import zstandard
+
+from cowfs import pathsafe
+from cowfs.errors import CowfsError, DigestMismatch, InvalidInput, UnsafePath
+from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, Toc, parents
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+
+MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_GZIP = MEDIA_TAR + "+gzip"
+MEDIA_ZSTD = MEDIA_TAR + "+zstd"
+MEDIA_BY_COMPRESSION = {None: MEDIA_TAR, "gzip": MEDIA_GZIP, "zstd": MEDIA_ZSTD}
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_CHUNK = 1 << 20
+
+Progress = Callable[[int], None]  # called with the number of blob bytes just consumed
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an import may expand to, against decompression bombs (sparse ones included)."""
+
+    max_ratio: int = 100  # uncompressed bytes per blob byte
+    floor: int = 4 << 30  # any blob may expand to this much, whatever its ratio
+
+    def budget(self, blob_size: int) -> int:
+        return max(self.floor, self.max_ratio * blob_size)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class BlobInfo(NamedTuple):
+    digest: str  # "sha256:..." of the blob as written
+    size: int
+    diff_id: str  # "sha256:..." of the uncompressed tar
+    media_type: str
+
+
+# -- import --------------------------------------------------------------------------------------
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads through `f`, hashing and counting; refuses to go past `budget` bytes."""
+
+    def __init__(self, f: BinaryIO, budget: int | None, what: str,
+                 progress: Progress | None = None) -> None:  # fmt: skip
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self.budget = budget
+        self.what = what
+        self.progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # buf: a writable buffer
+        data = self.f.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        if n:
+            self._account(data)
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        if data:
+            self._account(data)
+        return data
+
+    def _account(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.count += len(data)
+        if self.budget is not None and self.count > self.budget:
+            raise InvalidInput(
+                f"{self.what} expands beyond {_human(self.budget)} (decompression bomb?)"
+            )
+        if self.progress is not None:
+            self.progress(len(data))
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
+
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} TiB"
+
+
+def detect_compression(head: bytes) -> str | None:
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(_ZSTD_MAGIC):
+        return "zstd"
+    return None
+
+
+class _Peekable(io.RawIOBase):
+    """A stream with its first bytes put back, so magic can be sniffed without seeking."""
+
+    def __init__(self, head: bytes, f: BinaryIO) -> None:
+        self.head = head
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            if size < 0 or size >= len(self.head):
+                data, self.head = self.head, b""
+                rest = self.f.read(-1 if size < 0 else size - len(data))
+                return data + rest
+            data, self.head = self.head[:size], self.head[size:]
+            return data
+        return self.f.read(size)
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+def _decompressor(raw: BinaryIO, compression: str | None) -> BinaryIO:
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if compression == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return raw
+
+
+class _LayerReader:
+    """State of one layer import: the entries so far and the builder they go into."""
+
+    def __init__(self, lb, budget: int, what: str) -> None:
+        self.lb = lb
+        self.toc: Toc = lb.toc  # the builder's TOC, edited in place for duplicates and links
+        self.budget = budget
+        self.expanded = 0  # sum of regular file sizes, sparse ones at full size
+        self.what = what
+        self.next_link = 1
+
+    # The one function that knows what a tar entry means.
+    def apply(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        path = pathsafe.clean(m.name)
+        name = path.rpartition("/")[2]
+        if name.startswith(WHITEOUT_PREFIX):
+            self._whiteout(path)
+            return
+        self._check_parents(path)
+        if m.islnk():
+            self._hardlink(path, m)
+            return
+        entry = self._entry(path, m)
+        self._replace(path, entry.kind)
+        if entry.kind == REG:
+            self._content(tar, m, entry)
+        else:
+            self.lb.add(entry)
+
+    def _whiteout(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        self._check_parents(path)
+        if name == WHITEOUT_OPAQUE:
+            self.toc.opaque.add(parent)
+            return
+        hidden = name[len(WHITEOUT_PREFIX) :]
+        if not hidden or hidden in (".", ".."):
+            raise InvalidInput("whiteout without a name")
+        if hidden.startswith(WHITEOUT_PREFIX):
+            raise InvalidInput("whiteout of a whiteout")
+        self.toc.whiteouts.add(pathsafe.join(parent, hidden))
+
+    def _check_parents(self, path: str) -> None:
+        """Stage two of path safety: no parent in this layer may be a symlink or a file."""
+        entries = self.toc.entries
+        for p in parents(path):
+            e = entries.get(p)
+            if e is None or e.kind == DIR:
+                continue
+            if e.kind == SYMLINK:
+                raise UnsafePath(f"parent {p!r} is a symlink (writing through it could escape)")
+            raise InvalidInput(f"parent {p!r} is not a directory")
+
+    def _entry(self, path: str, m: tarfile.TarInfo) -> Entry:
+        if m.isreg():  # includes contiguous files and sparse files
+            kind = REG
+        elif m.isdir():
+            kind = DIR
+        elif m.issym():
+            kind = SYMLINK
+        elif m.ischr():
+            kind = CHR
+        elif m.isblk():
+            kind = BLK
+        elif m.isfifo():
+            kind = FIFO
+        else:
+            raise InvalidInput(f"unsupported tar entry type {m.type!r}")
+        if path == "" and kind != DIR:
+            raise InvalidInput("the root is not a directory")
+        mtime, atime, ctime = _times(m)
+        entry = Entry(
+            path=path, kind=kind, mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
+            atime=atime, mtime=mtime, ctime=ctime, xattrs=_xattrs(m),
+        )  # fmt: skip
+        if kind == SYMLINK:
+            entry.target = m.linkname
+            entry.size = len(m.linkname.encode("utf-8", "surrogateescape"))
+        elif kind in (CHR, BLK):
+            entry.rdev = os.makedev(m.devmajor, m.devminor)
+        return entry
+
+    def _content(self, tar: tarfile.TarFile, m: tarfile.TarInfo, entry: Entry) -> None:
+        size = m.size
+        if size < 0 or self.expanded + size > self.budget:
+            raise InvalidInput(
+                f"size {size} goes beyond the import budget of {_human(self.budget)} "
+                "(decompression bomb?)"
+            )
+        self.expanded += size
+        f = tar.extractfile(m)
+        assert f is not None  # a regular file always has a file object
+        counted = _ExactReader(f, size)
+        self.lb.add(entry, counted)  # streams into the object store; sets digest and size
+        counted.check()
+
+    def _hardlink(self, path: str, m: tarfile.TarInfo) -> None:
+        target = pathsafe.clean_link(m.linkname, entry=path)
+        if target == path:
+            if path in self.toc.entries:
+                return  # a link to itself names what is already there
+            raise InvalidInput(f"hard link to itself: {m.linkname!r}")
+        t = self.toc.entries.get(target)
+        if t is None:
+            raise InvalidInput(f"hard link to {m.linkname!r}, which is not earlier in the layer")
+        if t.kind == DIR:
+            raise InvalidInput(f"hard link to the directory {m.linkname!r}")
+        if not t.link:
+            t.link = self.next_link
+            self.next_link += 1
+        alias = copy.copy(t)
+        alias.path = path
+        if t.xattrs:
+            alias.xattrs = dict(t.xattrs)
+        self._replace(path, alias.kind)
+        self.toc.add(alias)  # same content as its target: nothing to store
+
+    def _replace(self, path: str, kind: str) -> None:
+        """Later entry wins (docker): a non-directory over a directory removes what was below."""
+        entries = self.toc.entries
+        old = entries.get(path)
+        if old is not None and old.kind == DIR and kind != DIR:
+            prefix = path + "/"
+            for p in [p for p in entries if p.startswith(prefix)]:
+                del entries[p]
+
+    def finish(self) -> Toc:
+        """Normalise what the stream order left behind; the TOC the layer is made of."""
+        toc = self.toc
+        for path in list(toc.whiteouts):
+            e = toc.entries.get(path)
+            if e is not None:
+                # A whiteout of something the same layer adds hides only the lower layers.
+                toc.whiteouts.discard(path)
+                if e.kind == DIR:
+                    toc.opaque.add(path)
+        for path in toc.opaque:
+            e = toc.entries.get(path)
+            if e is not None and e.kind != DIR:
+                raise InvalidInput(f"opaque whiteout inside {path!r}, which is not a directory")
+        # A hard-link group that lost members to duplicates may be down to one name.
+        counts: dict[int, int] = {}
+        for e in toc.entries.values():
+            if e.link:
+                counts[e.link] = counts.get(e.link, 0) + 1
+        renumber: dict[int, int] = {}
+        for e in sorted(toc.entries.values(), key=lambda e: e.path):
+            if e.link:
+                if counts[e.link] < 2:
+                    e.link = 0
+                else:
+                    e.link = renumber.setdefault(e.link, len(renumber) + 1)
+        return toc
+
+
+class _ExactReader(io.RawIOBase):
+    """A member's content that must be exactly `size` bytes: a short one is a truncation."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f = f
+        self.size = size
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def check(self) -> None:
+        if self.count != self.size:
+            raise InvalidInput(f"truncated content ({self.count} of {self.size} bytes)")
+
+
+def _times(m: tarfile.TarInfo) -> tuple[int, int, int]:
+    pax = m.pax_headers
+    mtime = _ns(pax.get("mtime")) if "mtime" in pax else int(m.mtime) * 1_000_000_000
+    atime = _ns(pax["atime"]) if "atime" in pax else mtime
+    ctime = _ns(pax["ctime"]) if "ctime" in pax else mtime
+    return mtime, atime, ctime
+
+
+def _ns(value: str) -> int:
+    try:
+        return int(Decimal(value) * 1_000_000_000)
+    except ArithmeticError:
+        raise InvalidInput(f"bad PAX time {value!r}") from None
+
+
+def _xattrs(m: tarfile.TarInfo) -> dict[str, bytes] | None:
+    out: dict[str, bytes] = {}
+    for key, value in m.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            out[key[len("SCHILY.xattr.") :]] = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            try:
+                out[unquote(key[len("LIBARCHIVE.xattr.") :])] = b64decode(value + "==")
+            except ValueError:
+                raise InvalidInput(f"bad libarchive xattr {key!r}") from None
+    return out or None
+
+
+def read_layer(
+    lb, f: BinaryIO, *, blob_size: int | None, limits: Limits = DEFAULT_LIMITS,
+    progress: Progress | None = None, what: str = "layer",
+) -> tuple[Toc, str, str, str | None]:  # fmt: skip
+    """Read one layer blob from `f` into `lb`; (toc, blob digest, diff_id, compression).
+
+    `lb` is the store's LayerBuilder the entries go into. Raises InvalidInput
+    (UnsafePath for escaping names) naming the entry at fault.
+    """
+    raw = _HashingReader(f, None, what, progress)
+    head = raw.read(4)
+    compression = detect_compression(head)
+    if compression is None:
+        budget = None  # an uncompressed stream is its own size; sparse files are counted below
+    else:
+        if blob_size is None:
+            raise InvalidInput(f"{what}: compressed blob of unknown size")
+        budget = limits.budget(blob_size)
+    stream = _decompressor(_Peekable(head, raw), compression)  # type: ignore[arg-type]
+    diff = _HashingReader(stream, budget, what)
+    state = _LayerReader(lb, limits.budget(blob_size or 0), what)
+    member: tarfile.TarInfo | None = None
+    try:
+        with tarfile.open(fileobj=diff, mode="r|", bufsize=_CHUNK, encoding="utf-8",
+                          errors="surrogateescape") as tar:  # fmt: skip
+            for member in tar:
+                state.apply(tar, member)
+            member = None
+            diff.drain()
+        raw.drain()
+        toc = state.finish()
+    except CowfsError as exc:
+        at = f" at {member.name!r}" if member is not None else ""
+        raise type(exc)(f"{what}{at}: {exc.message}") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+        at = f" at {member.name!r}" if member is not None else ""
+        raise InvalidInput(f"{what}{at}: damaged or truncated archive ({_why(exc)})") from None
+    return toc, raw.digest(), diff.digest(), compression
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def import_layer(
+    store, blob_path: str | os.PathLike | BinaryIO, *, media_type: str | None = None,
+    expect_digest: str | None = None, expect_diff_id: str | None = None,
+    progress: Progress | None = None, limits: Limits = DEFAULT_LIMITS,
+    blob_size: int | None = None,
+) -> str:  # fmt: skip
+    """Import one layer blob into the store; returns the layer id.
+
+    Idempotent: a layer already known by `expect_digest` or `expect_diff_id` is not read again.
+    The blob digest and diff_id are verified against what is expected and recorded in the
+    layer's meta. `blob_path` may also be an open binary file (then give `blob_size` when the
+    blob may be compressed, for the bomb budget). Nothing is visible unless this returns.
+    """
+    for known in (expect_digest, expect_diff_id):
+        if known:
+            layer_id = store.layer_by_digest(known)
+            if layer_id is not None:
+                return layer_id
+    if isinstance(blob_path, (str, os.PathLike)):
+        what = f"layer {os.fspath(blob_path)}"
+        try:
+            f = open(blob_path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {what}: {exc.strerror}") from None
+        blob_size = os.fstat(f.fileno()).st_size
+    else:
+        f = blob_path
+        what = f"layer {expect_digest[:19]}" if expect_digest else "layer"
+    try:
+        with store.new_layer() as lb:
+            _, digest, diff_id, compression = read_layer(
+                lb, f, blob_size=blob_size, limits=limits, progress=progress, what=what
+            )
+            if expect_digest and digest != expect_digest:
+                raise DigestMismatch(f"{what}: blob is {digest}, expected {expect_digest}")
+            if expect_diff_id and diff_id != expect_diff_id:
+                raise DigestMismatch(f"{what}: diff_id is {diff_id}, expected {expect_diff_id}")
+            blob_type = media_type or MEDIA_BY_COMPRESSION[compression]
+            return lb.commit(diff_id=diff_id, blobs={digest: blob_type})
+    finally:
+        if f is not blob_path:
+            f.close()
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+def _tree_key(path: str) -> tuple[str, ...]:
+    return tuple(path.split("/")) if path else ()
+
+
+def tar_items(toc: Toc) -> list[tuple[str, Entry | None]]:
+    """(tar name, entry) in export order; entry None for whiteout files (opaque included)."""
+    items: list[tuple[tuple[str, ...], str, Entry | None]] = []
+    for path, e in toc.entries.items():
+        items.append((_tree_key(path), path, e))
+    for path in toc.opaque:
+        # "\0" sorts the marker right after its directory, before its children: an extractor
+        # that applies it in stream order must not remove what this layer puts there.
+        items.append((_tree_key(path) + ("\0",), pathsafe.join(path, WHITEOUT_OPAQUE), None))
+    for path in toc.whiteouts:
+        parent, _, name = path.rpartition("/")
+        wh = pathsafe.join(parent, WHITEOUT_PREFIX + name)
+        items.append((_tree_key(wh), wh, None))
+    items.sort(key=lambda t: t[0])
+    return [(name, e) for _, name, e in items]
+
+
+_TAR_TYPES = {
+    REG: tarfile.REGTYPE, DIR: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE, CHR: tarfile.CHRTYPE,
+    BLK: tarfile.BLKTYPE, FIFO: tarfile.FIFOTYPE,
+}  # fmt: skip
+
+
+def _tarinfo(name: str, e: Entry | None) -> tarfile.TarInfo:
+    if e is None:  # a whiteout file: empty, root-owned, no time (deterministic)
+        info = tarfile.TarInfo(name)
+        info.mode = 0o644
+        info.mtime = 0
+        return info
+    if e.kind == SOCK:
+        raise InvalidInput(f"{e.path!r}: sockets cannot be stored in a tar layer")
+    info = tarfile.TarInfo((name + "/") if e.kind == DIR and name else (name or "./"))
+    info.type = _TAR_TYPES[e.kind]
+    info.mode = e.mode
+    info.uid, info.gid = e.uid, e.gid
+    info.uname = info.gname = ""
+    seconds, ns = divmod(e.mtime, 1_000_000_000)
+    info.mtime = seconds
+    if ns:
+        info.pax_headers["mtime"] = f"{seconds}.{ns:09d}"
+    if e.kind == REG:
+        info.size = e.size
+    elif e.kind == SYMLINK:
+        info.linkname = e.target
+    elif e.kind in (CHR, BLK):
+        info.devmajor, info.devminor = os.major(e.rdev), os.minor(e.rdev)
+    for key, value in sorted((e.xattrs or {}).items()):
+        info.pax_headers["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+    return info
+
+
+Opener = Callable[[Entry], BinaryIO]
+
+
+def write_tar(toc: Toc, out: BinaryIO, open_content: Opener) -> None:
+    """Write `toc` as a deterministic tar to `out`; contents come from open_content(entry)."""
+    first_of_group: dict[int, str] = {}
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      errors="surrogateescape", bufsize=_CHUNK) as tar:  # fmt: skip
+        for name, e in tar_items(toc):
+            info = _tarinfo(name, e)
+            if e is not None and e.link and e.kind != DIR:
+                first = first_of_group.get(e.link)
+                if first is not None:
+                    info.type = tarfile.LNKTYPE
+                    info.linkname = first
+                    info.size = 0
+                    tar.addfile(info)
+                    continue
+                first_of_group[e.link] = name
+            if e is not None and e.kind == REG and e.size:
+                with open_content(e) as f:
+                    tar.addfile(info, _ExactSize(f, e.size, e.path))
+            else:
+                tar.addfile(info)
+
+
+class _ExactSize(io.RawIOBase):
+    """Content handed to tarfile; an object shorter than its entry says is corruption."""
+
+    def __init__(self, f: BinaryIO, size: int, path: str) -> None:
+        self.f, self.left, self.path = f, size, path
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(self.left if size < 0 else min(size, self.left))
+        if not data and self.left:
+            raise InvalidInput(f"{self.path!r}: stored content is shorter than its size")
+        self.left -= len(data)
+        return data
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f: BinaryIO | None) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.count += len(data)
+        if self.f is not None:
+            self.f.write(data)
+        return len(data)
+
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+def write_blob(
+    toc: Toc, out: BinaryIO | None, open_content: Opener, *, compression: str | None = "gzip",
+) -> BlobInfo:  # fmt: skip
+    """Write `toc` as a layer blob to `out` (None: only compute the digests)."""
+    if compression not in MEDIA_BY_COMPRESSION:
+        raise InvalidInput(f"unknown compression {compression!r} (gzip, zstd or none)")
+    blob = _HashingWriter(out)
+    if compression == "gzip":
+        # mtime=0 and no file name: the same layer gives the same bytes every time.
+        z = gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=6)
+        diff = _HashingWriter(z)  # type: ignore[arg-type]
+        write_tar(toc, diff, open_content)  # type: ignore[arg-type]
+        z.close()
+    elif compression == "zstd":
+        cctx = zstandard.ZstdCompressor(level=3, write_content_size=False)
+        z = cctx.stream_writer(blob, closefd=False)  # type: ignore[arg-type]
+        diff = _HashingWriter(z)  # type: ignore[arg-type]
+        write_tar(toc, diff, open_content)  # type: ignore[arg-type]
+        z.flush(zstandard.FLUSH_FRAME)
+    else:
+        diff = blob
+        write_tar(toc, diff, open_content)  # type: ignore[arg-type]
+    return BlobInfo(blob.digest(), blob.count, diff.digest(), MEDIA_BY_COMPRESSION[compression])
+
+
+def export_layer(
+    store, layer_id: str, out_path: str | os.PathLike | BinaryIO, *,
+    compression: str | None = "gzip",
+) -> BlobInfo:  # fmt: skip
+    """Write a stored layer as a tar blob (gzip, zstd or uncompressed) to a path or file."""
+    toc = store.load_toc(layer_id)
+    opener = _store_opener(store)
+    if isinstance(out_path, (str, os.PathLike)):
+        with open(out_path, "wb") as f:
+            return write_blob(toc, f, opener, compression=compression)
+    return write_blob(toc, out_path, opener, compression=compression)
+
+
+def _store_opener(store) -> Opener:
+    def open_content(e: Entry) -> BinaryIO:
+        return _ObjectStream(store.objects.open(e.digest))
+
+    return open_content
+
+
+class _ObjectStream(io.RawIOBase):
+    """A stored object read front to back as a file."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = self.reader.size - self.pos
+        data = self.reader.pread(min(size, _CHUNK), self.pos)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self.reader.close()
+        super().close()
+
+
+def host_opener(root: str | os.PathLike) -> Opener:
+    """Contents of a TOC that describes the host directory `root`."""
+
+    def open_content(e: Entry) -> BinaryIO:
+        return open(os.path.join(root, e.path), "rb")
+
+    return open_content
