@@ -66,3 +66,24 @@ def _no_leaked_mounts(tmp_path: Path) -> Iterator[None]:
     for mnt in sorted(_mounted_under(tmp_path), key=len, reverse=True):
         subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
         subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root filesystem made of Debian's static busybox and its applet symlinks (built once)."""
+    need(os.path.isfile("/bin/busybox"), "needs busybox-static")
+    from cowfs.rootfs import busybox_rootfs
+
+    root = tmp_path_factory.mktemp("busybox") / "rootfs"
+    busybox_rootfs(root)
+    return root
+
+
+@pytest.fixture
+def busybox_image(store_root: Path, busybox_rootfs_dir: Path) -> tuple[Path, str]:
+    """(store root, "busybox:latest"): a fresh store holding a one-layer busybox image."""
+    from cowfs.rootfs import import_rootfs
+    from cowfs.store import Store
+
+    import_rootfs(Store(store_root), busybox_rootfs_dir, "busybox:latest")
+    return store_root, "busybox:latest"
