@@ -1,0 +1,509 @@
+"""A client of the OCI distribution API v2 (what docker, skopeo and every registry speak).
+
+Plain http.client over per-thread keep-alive connections, so a small thread pool can download
+layers in parallel. HTTPS by default; plain HTTP only with `insecure` or for a registry on this
+machine (localhost, 127.0.0.0/8, ::1: docker's default insecure registries). TLS certificates are
+verified unless `insecure`; a private CA is trusted through $SSL_CERT_FILE. The first request
+(GET /v2/) picks the scheme and learns the authentication challenge; a 401 later (a token that
+expired, a new scope) is answered once and the request retried.
+
+Blob downloads are checked while they stream: a body longer than the manifest's size stops at
+once, a short one is 'truncated', and the sha256 must match the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from cowfs.errors import AuthError, DigestMismatch, RegistryError
+from cowfs.registry import manifest as mf
+from cowfs.registry.auth import Authenticator, Credentials, lookup
+from cowfs.registry.reference import Reference
+
+CHUNK = 1 << 20
+_REDIRECTS = (301, 302, 303, 307, 308)
+Progress = Callable[[int], None]
+
+
+class Response:
+    """One HTTP response; closing it early drops its connection (leftover bytes would poison it)."""
+
+    def __init__(self, transport: Transport, key: tuple[str, str], resp: http.client.HTTPResponse):
+        self._transport = transport
+        self._key = key
+        self._resp = resp
+        self.status = resp.status
+        self.headers = resp.headers
+
+    def read(self, n: int = -1) -> bytes:
+        return self._resp.read(n) if n >= 0 else self._resp.read()
+
+    def read_limited(self, limit: int) -> bytes:
+        """The body, refusing one longer than `limit` (a manifest, an error, a token)."""
+        data = self._resp.read(limit + 1)
+        if len(data) > limit:
+            self.close()
+            raise RegistryError(f"response to {self._resp_url()} is larger than {limit} bytes")
+        return data
+
+    def _resp_url(self) -> str:
+        return f"{self._key[0]}://{self._key[1]}"
+
+    def close(self) -> None:
+        if not self._resp.isclosed():
+            self._transport.drop(self._key)
+        self._resp.close()
+
+
+class Transport:
+    """Per-thread keep-alive connections to any host (registry, token service, blob CDN)."""
+
+    def __init__(self, *, insecure: bool = False, timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        self.ssl_context = ssl.create_default_context()
+        if insecure:
+            self.ssl_context.check_hostname = False
+            self.ssl_context.verify_mode = ssl.CERT_NONE
+        self._local = threading.local()
+
+    def _pool(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = {}
+        return pool
+
+    def drop(self, key: tuple[str, str]) -> None:
+        conn = self._pool().pop(key, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        for key in list(self._pool()):
+            self.drop(key)
+
+    def send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | BinaryIO | None
+    ) -> Response:
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        start = body.tell() if hasattr(body, "tell") else None  # type: ignore[union-attr]
+        for attempt in (0, 1):
+            pool = self._pool()
+            conn = pool.get(key)
+            reused = conn is not None
+            if conn is None:
+                if parts.scheme == "https":
+                    conn = http.client.HTTPSConnection(
+                        parts.netloc, timeout=self.timeout, context=self.ssl_context
+                    )
+                elif parts.scheme == "http":
+                    conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+                else:
+                    raise RegistryError(f"unsupported URL {url}")
+                pool[key] = conn
+            try:
+                conn.request(method, target, body=body, headers=headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.drop(key)
+                # A keep-alive connection the server closed meanwhile: retry once on a new one.
+                if attempt == 0 and reused:
+                    if start is not None:
+                        body.seek(start)  # type: ignore[union-attr]
+                    continue
+                raise
+            except BaseException:
+                self.drop(key)
+                raise
+            return Response(self, key, resp)
+        raise AssertionError("unreachable")
+
+
+def _error_text(body: bytes) -> str:
+    """The registry's own words: {"errors": [{"code", "message", "detail"}]}."""
+    try:
+        errors = json.loads(body).get("errors") or []
+        texts = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors]
+        return "; ".join(t for t in texts if t)
+    except (ValueError, AttributeError, TypeError):
+        return body[:200].decode("utf-8", "replace").strip().splitlines()[0] if body.strip() else ""
+
+
+class RegistryClient:
+    """Talks to one registry; thread-safe (connections are per thread, tokens are shared)."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        insecure: bool = False,
+        allow_http: bool = False,
+        credentials: Credentials | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.host = host
+        self.insecure = insecure
+        self.allow_http = insecure or allow_http
+        self.auth = Authenticator(host, credentials)
+        self.transport = Transport(insecure=insecure, timeout=timeout)
+        self._base: str | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_reference(
+        cls, ref: Reference, *, insecure: bool = False, authfile: str | None = None
+    ) -> RegistryClient:
+        return cls(
+            ref.api_host,
+            insecure=insecure,
+            allow_http=ref.is_local,
+            credentials=lookup(ref.registry, authfile),
+        )
+
+    def add_scope(self, repository: str, actions: str) -> None:
+        self.auth.add_scope(f"repository:{repository}:{actions}")
+        if self._base is not None:
+            self.auth.refresh_for_scopes(self._fetch)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | BinaryIO | None
+    ) -> Response:
+        try:
+            return self.transport.send(method, url, headers, body)
+        except ssl.SSLCertVerificationError as exc:
+            raise RegistryError(
+                f"{self.host}: TLS certificate not trusted ({exc.verify_message}); "
+                "trust its CA with SSL_CERT_FILE or use --insecure"
+            ) from None
+        except ssl.SSLError as exc:
+            raise RegistryError(f"{self.host}: TLS error: {exc.reason or exc}") from None
+        except http.client.IncompleteRead as exc:
+            raise RegistryError(f"{self.host}: connection closed mid-response ({exc})") from None
+        except (OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise RegistryError(f"cannot reach {self.host}: {reason}") from None
+
+    def _fetch(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[int, bytes]:
+        """For the authenticator: one request to the token service, body read."""
+        resp = self._send(method, url, dict(headers), body)
+        try:
+            return resp.status, resp.read_limited(1 << 20)
+        finally:
+            resp.close()
+
+    def base(self) -> str:
+        """scheme://host, found by GET /v2/ (which also tells how to authenticate)."""
+        with self._lock:
+            if self._base is None:
+                self._base = self._ping()
+            return self._base
+
+    def _ping(self) -> str:
+        schemes = ("https", "http") if self.allow_http else ("https",)
+        for scheme in schemes:
+            url = f"{scheme}://{self.host}/v2/"
+            try:
+                resp = self.transport.send("GET", url, {}, None)
+            except ssl.SSLCertVerificationError:
+                resp = None
+                self._send("GET", url, {}, None)  # raises the explained error
+            except (ssl.SSLError, ConnectionResetError, http.client.HTTPException) as exc:
+                # Not TLS on the other end: try plain HTTP when that is allowed.
+                if scheme == schemes[-1]:
+                    hint = "" if self.allow_http else "; plain HTTP needs --insecure"
+                    raise RegistryError(f"{self.host}: cannot talk TLS ({exc}){hint}") from None
+                continue
+            except OSError as exc:
+                raise RegistryError(f"cannot reach {self.host}: {exc.strerror or exc}") from None
+            assert resp is not None
+            status = resp.status
+            www = resp.headers.get("WWW-Authenticate")
+            resp.read_limited(1 << 20)
+            resp.close()
+            if status == 401:
+                self.auth.handle_challenge(www, None, self._fetch)
+            elif status == 404:
+                raise RegistryError(f"{self.host} does not serve the registry API v2 (/v2/: 404)")
+            elif status != 200:
+                raise RegistryError(f"{self.host}: /v2/ answered HTTP {status}")
+            return f"{scheme}://{self.host}"
+        raise AssertionError("unreachable")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | BinaryIO | None = None,
+        ok: tuple[int, ...] = (200,),
+        what: str = "",
+    ) -> Response:
+        """Send with authentication and redirects; a status outside `ok` raises."""
+        base = self.base()
+        url = path if "://" in path else base + path
+        start = body.tell() if hasattr(body, "tell") else None  # type: ignore[union-attr]
+        for attempt in range(3):
+            hdrs = dict(headers or {})
+            sent = self.auth.header()
+            if sent:
+                hdrs["Authorization"] = sent
+            resp = self._send_following(method, url, hdrs, body)
+            if resp.status != 401 or attempt == 2:
+                break
+            www = resp.headers.get("WWW-Authenticate")
+            resp.read_limited(1 << 20)
+            resp.close()
+            self.auth.handle_challenge(www, sent, self._fetch)
+            if start is not None:
+                body.seek(start)  # type: ignore[union-attr]
+        if resp.status not in ok:
+            raise self._error(resp, method, what or urllib.parse.urlsplit(url).path)
+        return resp
+
+    def _send_following(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | BinaryIO | None
+    ) -> Response:
+        for _ in range(6):
+            resp = self._send(method, url, headers, body)
+            location = resp.headers.get("Location")
+            if method not in ("GET", "HEAD") or resp.status not in _REDIRECTS or not location:
+                return resp
+            resp.close()
+            new = urllib.parse.urljoin(url, location)
+            if urllib.parse.urlsplit(new).netloc != urllib.parse.urlsplit(url).netloc:
+                # Blobs are often served by a CDN: never hand it the registry's credentials.
+                headers = {k: v for k, v in headers.items() if k != "Authorization"}
+            url = new
+        raise RegistryError(f"{self.host}: too many redirects for {method} {url}")
+
+    def _error(self, resp: Response, method: str, what: str) -> RegistryError:
+        try:
+            body = resp.read(64 << 10) if method != "HEAD" else b""
+        except (OSError, http.client.HTTPException):
+            body = b""
+        resp.close()
+        detail = _error_text(body)
+        text = f"{self.host}: {method} {what}: HTTP {resp.status}" + (
+            f" ({detail})" if detail else ""
+        )
+        if resp.status == 401:
+            return AuthError(text)
+        if resp.status == 403:
+            return AuthError(
+                f"{self.host}: access denied to {what}" + (f" ({detail})" if detail else "")
+            )
+        return RegistryError(text)
+
+    # -- manifests ------------------------------------------------------------------------
+
+    def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
+        """(body, media type, digest) of a manifest or index, its digest verified."""
+        resp = self.request(
+            "GET",
+            f"/v2/{repository}/manifests/{reference}",
+            headers={"Accept": mf.ACCEPT},
+            what=f"manifest {repository}:{reference}"
+            if ":" not in reference
+            else f"manifest {repository}@{reference}",
+        )
+        try:
+            body = resp.read_limited(mf.MAX_MANIFEST_SIZE)
+        finally:
+            resp.close()
+        expected = reference if reference.startswith("sha256:") else None
+        digest = mf.verify(body, expected, resp.headers.get("Docker-Content-Digest"))
+        return body, resp.headers.get("Content-Type", ""), digest
+
+    def put_manifest(self, repository: str, reference: str, body: bytes, media_type: str) -> str:
+        resp = self.request(
+            "PUT",
+            f"/v2/{repository}/manifests/{reference}",
+            headers={"Content-Type": media_type},
+            body=body,
+            ok=(200, 201, 202),
+            what=f"manifest {repository}:{reference}",
+        )
+        resp.read_limited(1 << 20)
+        resp.close()
+        return mf.verify(body, None, resp.headers.get("Docker-Content-Digest"))
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    def blob_size(self, repository: str, digest: str) -> int | None:
+        """The size of a blob the registry has in `repository`, or None."""
+        resp = self.request(
+            "HEAD", f"/v2/{repository}/blobs/{digest}", ok=(200, 404), what=f"blob {digest}"
+        )
+        resp.close()
+        if resp.status == 404:
+            return None
+        length = resp.headers.get("Content-Length")
+        return int(length) if length and length.isdigit() else -1
+
+    def fetch_blob(
+        self,
+        repository: str,
+        desc: mf.Descriptor,
+        out: BinaryIO,
+        *,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Stream a blob into `out`, checking its size and sha256 against the descriptor."""
+        name = mf.short(desc.digest)
+        resp = self.request("GET", f"/v2/{repository}/blobs/{desc.digest}", what=f"blob {name}")
+        try:
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) != desc.size:
+                raise DigestMismatch(
+                    f"blob {name} is {length} bytes, the manifest says {desc.size}"
+                )
+            h = hashlib.sha256()
+            n = 0
+            while True:
+                if cancel is not None and cancel.is_set():
+                    raise RegistryError(f"download of blob {name} cancelled")
+                try:
+                    chunk = resp.read(CHUNK)
+                except http.client.IncompleteRead as exc:
+                    chunk = exc.partial
+                    n += len(chunk)
+                    raise RegistryError(
+                        f"blob {name} truncated: got {n} of {desc.size} bytes"
+                    ) from None
+                except (OSError, http.client.HTTPException) as exc:
+                    raise RegistryError(f"blob {name}: download failed: {exc}") from None
+                if not chunk:
+                    break
+                n += len(chunk)
+                if n > desc.size:
+                    raise DigestMismatch(
+                        f"blob {name} is larger than the {desc.size} bytes the manifest says"
+                    )
+                h.update(chunk)
+                out.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            if n < desc.size:
+                raise RegistryError(f"blob {name} truncated: got {n} of {desc.size} bytes")
+            got = "sha256:" + h.hexdigest()
+            if got != desc.digest:
+                raise DigestMismatch(f"blob {name} has digest {mf.short(got)}")
+        finally:
+            resp.close()
+
+    def fetch_blob_bytes(self, repository: str, desc: mf.Descriptor, limit: int) -> bytes:
+        """A small blob (an image config) in memory, verified."""
+        if desc.size > limit:
+            raise RegistryError(f"blob {mf.short(desc.digest)} is too large ({desc.size} bytes)")
+        import io
+
+        buf = io.BytesIO()
+        self.fetch_blob(repository, desc, buf)
+        return buf.getvalue()
+
+    def start_upload(self, repository: str, mount: tuple[str, str] | None = None) -> str | None:
+        """Open an upload session and return its URL; with mount=(digest, from_repository) the
+        registry may link the blob instead (201), and then None is returned."""
+        path = f"/v2/{repository}/blobs/uploads/"
+        if mount is not None:
+            path += "?" + urllib.parse.urlencode({"mount": mount[0], "from": mount[1]})
+        resp = self.request("POST", path, body=b"", ok=(201, 202), what="blob upload")
+        resp.read_limited(1 << 20)
+        resp.close()
+        if resp.status == 201:
+            return None
+        location = resp.headers.get("Location")
+        if not location:
+            raise RegistryError(f"{self.host}: upload session without a Location")
+        return urllib.parse.urljoin(self.base() + path, location)
+
+    def upload_blob(
+        self,
+        repository: str,
+        path: Path,
+        digest: str,
+        size: int,
+        *,
+        location: str | None = None,
+        chunk_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Upload a file as a blob: one PUT, or PATCH chunks then a closing PUT."""
+        location = location or self.start_upload(repository)
+        assert location is not None
+        name = mf.short(digest)
+        with open(path, "rb") as f:
+            if chunk_size is None or size <= chunk_size:
+                body: BinaryIO = _ProgressReader(f, progress)
+                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+            else:
+                offset = 0
+                while offset < size:
+                    data = f.read(chunk_size)
+                    resp = self.request(
+                        "PATCH",
+                        location,
+                        headers={
+                            "Content-Type": "application/octet-stream",
+                            "Content-Range": f"{offset}-{offset + len(data) - 1}",
+                        },
+                        body=data,
+                        ok=(202,),
+                        what=f"blob {name} chunk at {offset}",
+                    )
+                    resp.read_limited(1 << 20)
+                    resp.close()
+                    location = urllib.parse.urljoin(
+                        location, resp.headers.get("Location", location)
+                    )
+                    offset += len(data)
+                    if progress is not None:
+                        progress(len(data))
+                body, headers = b"", {"Content-Length": "0"}  # type: ignore[assignment]
+            sep = "&" if "?" in location else "?"
+            url = location + sep + urllib.parse.urlencode({"digest": digest})
+            resp = self.request(
+                "PUT", url, headers=headers, body=body, ok=(201,), what=f"blob {name}"
+            )
+            resp.read_limited(1 << 20)
+            resp.close()
+        said = resp.headers.get("Docker-Content-Digest")
+        if said and said != digest:
+            raise DigestMismatch(f"registry stored blob {name} as {mf.short(said)}")
+
+
+class _ProgressReader:
+    """A file wrapper that reports how much http.client has read from it."""
+
+    def __init__(self, f: BinaryIO, progress: Progress | None) -> None:
+        self._f = f
+        self._progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if self._progress is not None and data:
+            self._progress(len(data))
+        return data
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
