@@ -1,0 +1,79 @@
+"""What the benchmark ran on: CPU, cores, memory, kernel, the filesystem under the data, tools."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return "unknown"
+
+
+def filesystem_of(path: Path) -> dict[str, str]:
+    """The mount holding `path`: the longest mountpoint prefix in /proc/self/mounts."""
+    real = os.path.realpath(path)
+    best = {"mountpoint": "/", "fstype": "unknown", "device": "unknown", "options": ""}
+    best_len = -1
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            dev, mnt, fstype, opts = line.split()[:4]
+            mnt = mnt.replace("\\040", " ")
+            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) > best_len:
+                best_len = len(mnt)
+                best = {"mountpoint": mnt, "fstype": fstype, "device": dev, "options": opts}
+    return best
+
+
+def describe(data_dir: Path) -> dict[str, object]:
+    uname = os.uname()
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "ram_bytes": _ram_bytes(),
+        "kernel": f"{uname.sysname} {uname.release} {uname.machine}",
+        "os": _os_name(),
+        "python": platform.python_version(),
+        "data_filesystem": filesystem_of(data_dir),
+        "tools": {
+            "fuse-overlayfs": _first_line(["fuse-overlayfs", "--version"]),
+            "libfuse (fusermount3)": _first_line(["fusermount3", "--version"]),
+            "runc": _first_line(["runc", "--version"]),
+            "fio": _first_line(["fio", "--version"]),
+        },
+    }
