@@ -1,0 +1,551 @@
+"""Containers: the lifecycle verbs over a store (create, run, start, stop, kill, rm, exec, ...).
+
+The order of a start, and why:
+  1. mount the image with cowfs (upper/work in the state dir). The FUSE daemon is started here,
+     before any namespace or cgroup exists, so it stays outside both.
+  2. create the cgroups (children of our own) and write the limits.
+  3. launch: intermediate joins the cgroups, unshares the namespaces, forks PID 1.
+  4. PID 1 mounts /proc, /dev, /sys ..., pivots onto the FUSE mount, cuts capabilities, forks
+     the command and reaps.
+  5. the monitor (the attached CLI, or a detached copy of it) relays output and waits; at exit
+     it records the status, removes the cgroups and unmounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import sys as _sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from cowfs.errors import AlreadyExists, ContainerError, CowfsError, InUse, InvalidInput, NotFound
+from cowfs.store import Store
+from runtime import channel, init, monitor, namespaces, process, rootfs
+from runtime.cgroups import Cgroup
+from runtime.spec import ContainerSpec, RunOptions, build, merge_env, parse_env
+from runtime.state import State, StateDir, Status
+from runtime.syscalls import Syscalls
+
+
+class Mounter(Protocol):
+    def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
+              read_only: bool = False) -> Any: ...  # fmt: skip
+
+    def umount(self, mountpoint: str) -> None: ...
+
+
+class CowfsMounter:
+    """The real thing: cowfs.mounting (FUSE)."""
+
+    def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
+              read_only: bool = False) -> Any:  # fmt: skip
+        from cowfs import mounting
+
+        return mounting.mount(store, ref, mountpoint, upper=upper, work=work, read_only=read_only)
+
+    def umount(self, mountpoint: str) -> None:
+        from cowfs import mounting
+
+        mounting.umount(mountpoint)
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    path = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].replace("\\040", " ") == path for line in f)
+
+
+def _signal_number(sig: str | int) -> int:
+    if isinstance(sig, int) or str(sig).isdigit():
+        return int(sig)
+    name = str(sig).upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise InvalidInput(f"invalid signal {sig}") from None
+
+
+class Runtime:
+    def __init__(self, store: Store, *, sys: Syscalls | None = None,
+                 mounter: Mounter | None = None) -> None:  # fmt: skip
+        self.store = store
+        self.sys = sys or Syscalls()
+        self.mounter = mounter or CowfsMounter()
+
+    # -- lookup --------------------------------------------------------------------------------
+
+    def _dirs(self) -> list[StateDir]:
+        base = self.store.containers_dir
+        return [StateDir(p) for p in sorted(base.iterdir()) if (p / "state.json").exists()]
+
+    def states(self) -> list[State]:
+        out = []
+        for sd in self._dirs():
+            with contextlib.suppress(CowfsError):
+                out.append(sd.load())
+        return sorted(out, key=lambda s: s.created, reverse=True)
+
+    def find(self, ref: str) -> StateDir:
+        """A container by name, full id or unique id prefix."""
+        dirs = self._dirs()
+        for sd in dirs:
+            if sd.id == ref:
+                return sd
+        for sd in dirs:
+            with contextlib.suppress(CowfsError):
+                if sd.load().name == ref:
+                    return sd
+        matches = [sd for sd in dirs if len(ref) >= 3 and sd.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidInput(f"container id prefix {ref} is ambiguous")
+        raise NotFound(f"no such container: {ref}")
+
+    # -- create / run / start ------------------------------------------------------------------
+
+    def create(self, image: str, opts: RunOptions, *, name: str | None = None,
+               auto_remove: bool = False) -> State:  # fmt: skip
+        img = self.store.resolve(image)
+        cid = secrets.token_hex(32)
+        spec = build(img.config, opts, cid)
+        for vol in spec.volumes:
+            if not os.path.exists(vol.host):
+                raise NotFound(f"volume source {vol.host} does not exist")
+        name = name or f"cowfs_{cid[:8]}"
+        if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise InvalidInput(f"invalid container name {name!r}")
+        with self.store.locked():
+            if any(s.name == name for s in self.states()):
+                raise AlreadyExists(f"container name {name} is already in use")
+            tmp = self.store.mkdtemp("container")
+            sd = StateDir(tmp)
+            for sub in (sd.upper, sd.work, sd.rootfs, sd.etc):
+                sub.mkdir()
+            state = State(id=cid, name=name, image=image, image_id=img.id, spec=spec,
+                          auto_remove=auto_remove)  # fmt: skip
+            sd.save(state)
+            os.rename(tmp, self.store.containers_dir / cid)  # visible only when complete
+        return state
+
+    def run(self, state: State, *, detach: bool) -> int:
+        """Start a created or exited container; attached, its exit code; detached, 0 once it
+        runs."""
+        sd = StateDir(self.store.containers_dir / state.id)
+        if not state.can_start():
+            raise ContainerError(f"container {state.name} is already running")
+        if detach:
+            return self._start_detached(sd)
+        return self._supervise(sd, attached=True)
+
+    def _start_detached(self, sd: StateDir) -> int:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)  # the monitor is re-parented to init: it outlives the CLI
+            code = 0
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                self._supervise(sd, attached=False, ready_fd=w)
+            except CowfsError as exc:
+                with contextlib.suppress(OSError):
+                    os.write(w, f"error {exc.exit_code} {exc.message}".encode())
+                code = 1
+            except BaseException as exc:  # noqa: BLE001 - a forked monitor must never unwind
+                with contextlib.suppress(OSError):
+                    os.write(w, f"error 125 monitor: {exc!r}".encode())
+                code = 1
+            os._exit(code)
+        os.close(w)
+        os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as f:
+            answer = f.read().decode()
+        if answer.startswith("error "):
+            _, code, message = answer.split(" ", 2)
+            err = ContainerError(message)
+            err.exit_code = int(code)
+            raise err
+        if answer != "ok":
+            raise ContainerError("the container monitor exited before the container started")
+        return 0
+
+    def _supervise(self, sd: StateDir, *, attached: bool, ready_fd: int | None = None) -> int:
+        """Start the container and watch it to the end. Runs in the attached CLI or in the
+        detached monitor. Returns the exit code (attached)."""
+        state = sd.load()
+        spec = state.spec
+        cgroup: Cgroup | None = None
+        try:
+            if not is_mounted(sd.rootfs):
+                self.mounter.mount(self.store, state.image_id, str(sd.rootfs),
+                                   upper=str(sd.upper), work=str(sd.work))  # fmt: skip
+            state.mounted = True
+            for name, text in rootfs.etc_files(spec.hostname, spec.network).items():
+                (sd.etc / name).write_text(text)
+            cgroup = Cgroup.for_container(state.id)
+            cgroup.create(spec.limits)
+            state.cgroups = {k: list(v) for k, v in cgroup.dirs.items()}
+            sd.save(state)
+            pid, chan, master, streams = self._launch(sd, spec, cgroup, attached)
+        except BaseException:
+            self._teardown(sd, state, cgroup)
+            if state.auto_remove:
+                shutil.rmtree(sd.path, ignore_errors=True)
+            raise
+        state.mark_running(pid, os.getpid())
+        sd.save(state)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok")
+            os.close(ready_fd)
+        log = monitor.Log(sd.log)
+        try:
+            interactive_tty = attached and spec.tty and spec.interactive
+            with contextlib.ExitStack() as stack:
+                if attached:
+                    stack.enter_context(monitor.forwarding_signals(pid, master))
+                if interactive_tty:
+                    monitor.copy_winsize(_sys.stdin.fileno(), master)
+                    stack.enter_context(monitor.raw_terminal(_sys.stdin.fileno()))
+                status = monitor.relay(pid, streams, log=log, echo=attached,
+                                       stdin_to=master if interactive_tty else None)  # fmt: skip
+        finally:
+            log.close()
+            for fd in streams:
+                os.close(fd)
+            chan.close()
+        code = init.exit_code(status)
+        oom = cgroup.oom_killed()
+        self._teardown(sd, state, cgroup)
+        state.mark_exited(code, oom)
+        if state.auto_remove:
+            shutil.rmtree(sd.path, ignore_errors=True)
+        else:
+            sd.save(state)
+        return code
+
+    def _launch(self, sd: StateDir, spec: ContainerSpec, cgroup: Cgroup, attached: bool
+                ) -> tuple[int, Any, int | None, dict[int, str]]:  # fmt: skip
+        """Fork the container's PID 1; (pid, channel, pty master, output fds -> stream)."""
+        close_after: list[int] = []
+        streams: dict[int, str] = {}
+        if spec.tty:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            close_after.append(null)
+            stdio = (null, null, null)
+        else:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            streams = {out_r: "stdout", err_r: "stderr"}
+            close_after += [out_w, err_w]
+            if attached and spec.interactive:
+                stdin = 0
+            else:
+                stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                close_after.append(stdin)
+            stdio = (stdin, out_w, err_w)
+        root, etc = str(sd.rootfs), str(sd.etc)
+        try:
+            pid, chan = process.launch(
+                self.sys,
+                lambda ch: init.container_init(self.sys, spec, root, etc, ch),
+                namespaces_=namespaces.for_network(spec.network),
+                cgroup=cgroup,
+                stdio=stdio,
+            )
+        finally:
+            for fd in close_after:
+                os.close(fd)
+        master = None
+        try:
+            while True:
+                msg, fds = channel.recv(chan)
+                assert msg is not None
+                if msg.get("pty"):
+                    master = fds[0]
+                    streams = {master: "stdout"}
+                    continue
+                if "error" in msg:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
+                    err = ContainerError(msg["error"])
+                    err.exit_code = int(msg.get("code", 125))
+                    raise err
+                break
+        except BaseException:
+            for fd in streams:
+                os.close(fd)
+            chan.close()
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            raise
+        return pid, chan, master, streams
+
+    def _teardown(self, sd: StateDir, state: State, cgroup: Cgroup | None) -> None:
+        """Remove what a start made: cgroups, the mount. Idempotent."""
+        if cgroup is None and state.cgroups:
+            cgroup = Cgroup({k: (v[0], v[1]) for k, v in state.cgroups.items()})
+        if cgroup is not None:
+            cgroup.remove()
+        state.cgroups = {}
+        if is_mounted(sd.rootfs):
+            self.mounter.umount(str(sd.rootfs))
+        state.mounted = False
+
+    # -- signals and removal ---------------------------------------------------------------
+
+    def _running(self, ref: str) -> tuple[StateDir, State]:
+        sd = self.find(ref)
+        state = sd.load()
+        if not state.can_kill():
+            raise ContainerError(f"container {state.name} is not running")
+        return sd, state
+
+    def kill(self, ref: str, sig: str | int = "KILL") -> State:
+        signum = _signal_number(sig)
+        _sd, state = self._running(ref)
+        try:
+            os.kill(state.pid, signum)  # its init forwards it to the command
+        except ProcessLookupError:
+            pass
+        return state
+
+    def wait(self, sd: StateDir, timeout: float | None = None) -> State:
+        """Until the container is no longer running (its monitor finished the teardown)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                state = sd.load()
+            except NotFound:
+                raise
+            if state.status != Status.RUNNING:
+                return state
+            if not state.monitor_alive() and not state.is_alive():
+                # nobody is left to tear it down: do it ourselves
+                self._teardown(sd, state, None)
+                state.mark_exited(-1)
+                sd.save(state)
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                return state
+            time.sleep(0.02)
+
+    def stop(self, ref: str, timeout: float = 10.0) -> State:
+        sd, state = self._running(ref)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.pid, signal.SIGTERM)
+        state = self.wait(sd, timeout)
+        if state.status == Status.RUNNING:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.pid, signal.SIGKILL)
+            state = self.wait(sd, 30)
+        return state
+
+    def remove(self, ref: str, *, force: bool = False) -> str:
+        sd = self.find(ref)
+        state = sd.load()
+        if not state.can_delete(force):
+            raise InUse(f"container {state.name} is running: stop it first or use rm -f")
+        if state.status == Status.RUNNING:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.pid, signal.SIGKILL)
+            state = self.wait(sd, 30)
+            if state.status == Status.RUNNING:
+                raise ContainerError(f"container {state.name} did not stop")
+        if not sd.path.exists():
+            return state.name  # its monitor removed it (--rm)
+        self._teardown(sd, state, None)
+        shutil.rmtree(sd.path)
+        return state.name
+
+    # -- exec ------------------------------------------------------------------------------
+
+    def exec(self, ref: str, args: list[str], *, tty: bool = False, interactive: bool = False,
+             env: list[str] | None = None, workdir: str | None = None,
+             user: str | None = None) -> int:  # fmt: skip
+        if not args:
+            raise InvalidInput("exec needs a command")
+        sd, state = self._running(ref)
+        spec = replace(
+            state.spec,
+            args=list(args),
+            env=merge_env(state.spec.env, parse_env(env or [])),
+            cwd=workdir or state.spec.cwd,
+            user=state.spec.user if user is None else user,
+            tty=tty,
+            interactive=interactive,
+        )
+        cgroup = Cgroup({k: (v[0], v[1]) for k, v in state.cgroups.items()})
+        close_after = []
+        if interactive and not tty:
+            stdin = 0
+        else:
+            stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            close_after.append(stdin)
+        try:
+            pid, chan = process.launch(
+                self.sys,
+                lambda ch: init.exec_target(self.sys, spec, ch),
+                namespaces_=namespaces.for_network(spec.network),
+                join_pid=state.pid,
+                cgroup=cgroup,
+                stdio=(stdin, 1, 2),
+            )
+        finally:
+            for fd in close_after:
+                os.close(fd)
+        master = None
+        try:
+            while True:
+                msg, fds = channel.recv(chan, eof_ok=True)
+                if msg is None:
+                    break  # exec'd
+                if msg.get("pty"):
+                    master = fds[0]
+                    continue
+                os.waitpid(pid, 0)
+                err = ContainerError(msg["error"])
+                err.exit_code = int(msg.get("code", 126))
+                raise err
+        finally:
+            chan.close()
+        streams = {master: "stdout"} if master is not None else {}
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(monitor.forwarding_signals(pid, master))
+                if master is not None and interactive:
+                    monitor.copy_winsize(_sys.stdin.fileno(), master)
+                    stack.enter_context(monitor.raw_terminal(_sys.stdin.fileno()))
+                status = monitor.relay(pid, streams, echo=True, wait_eof=False,
+                                       stdin_to=master if interactive else None)  # fmt: skip
+        finally:
+            if master is not None:
+                os.close(master)
+        return init.exit_code(status)
+
+    # -- looking at containers ---------------------------------------------------------------
+
+    def logs(self, ref: str, follow: bool = False) -> Iterator[tuple[str, str]]:
+        sd = self.find(ref)
+
+        def running() -> bool:
+            return sd.state_file.exists() and sd.load().status == Status.RUNNING
+
+        return monitor.read_log(sd.log, running if follow else None)
+
+    def inspect(self, ref: str) -> dict:
+        sd = self.find(ref)
+        s = sd.load()
+        spec = s.spec
+        iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None  # noqa: E731
+        return {
+            "Id": s.id,
+            "Name": s.name,
+            "Created": iso(s.created),
+            "Image": s.image_id,
+            "ImageRef": s.image,
+            "State": {
+                "Status": s.status.value,
+                "Running": s.status == Status.RUNNING,
+                "Pid": s.pid,
+                "ExitCode": s.exit_code,
+                "OOMKilled": s.oom_killed,
+                "StartedAt": iso(s.started_at),
+                "FinishedAt": iso(s.finished_at),
+            },
+            "Config": {
+                "Hostname": spec.hostname, "Cmd": spec.args, "Env": spec.env,
+                "WorkingDir": spec.cwd, "User": spec.user, "Tty": spec.tty,
+                "OpenStdin": spec.interactive,
+            },
+            "HostConfig": {
+                "Memory": spec.limits.memory or 0,
+                "PidsLimit": spec.limits.pids,
+                "NanoCpus": int((spec.limits.cpus or 0) * 1e9),
+                "ReadonlyRootfs": spec.read_only,
+                "NetworkMode": spec.network,
+                "AutoRemove": s.auto_remove,
+                "Binds": [f"{v.host}:{v.container}" + (":ro" if v.read_only else "")
+                          for v in spec.volumes],  # fmt: skip
+            },
+            "GraphDriver": {
+                "Name": "cowfs",
+                "Data": {"UpperDir": str(sd.upper), "WorkDir": str(sd.work),
+                         "MergedDir": str(sd.rootfs)},  # fmt: skip
+            },
+            "Cgroups": s.cgroups,
+            "LogPath": str(sd.log),
+        }
+
+    @contextlib.contextmanager
+    def merged_view(self, ref: str) -> Iterator[tuple[State, Path]]:
+        """The container's merged tree on the host: its live mount, or a temporary one."""
+        sd = self.find(ref)
+        state = sd.load()
+        if is_mounted(sd.rootfs):
+            yield state, sd.rootfs
+            return
+        self.mounter.mount(self.store, state.image_id, str(sd.rootfs),
+                           upper=str(sd.upper), work=str(sd.work))  # fmt: skip
+        try:
+            yield state, sd.rootfs
+        finally:
+            self.mounter.umount(str(sd.rootfs))
+
+    def export(self, ref: str, out: str | os.PathLike) -> None:
+        """The merged tree as a tar (docker export): a flat file system, no layers."""
+        with self.merged_view(ref) as (_state, root), tarfile.open(out, "w",
+                                                                   format=tarfile.PAX_FORMAT) as tf:
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                for name in sorted(dirnames) + sorted(filenames):
+                    path = os.path.join(dirpath, name)
+                    arc = os.path.relpath(path, root)
+                    tf.add(path, arcname=arc, recursive=False)
+
+    def commit(self, ref: str, tag: str, config_changes: dict | None = None) -> str:
+        """A new image: the container's image plus its upper directory as one more layer."""
+        from cowfs.commit import commit_upper
+
+        sd = self.find(ref)
+        state = sd.load()
+        return commit_upper(self.store, state.image_id, str(sd.upper), tag,
+                            config_changes=config_changes)  # fmt: skip
+
+    def bundle(self, ref: str, directory: str | os.PathLike) -> Path:
+        """An OCI runtime bundle (config.json) whose root is the container's cowfs mount; the
+        mount stays until `rm` (runc does not mount the root itself)."""
+        from runtime.bundle import oci_config
+
+        sd = self.find(ref)
+        state = sd.load()
+        if state.status == Status.RUNNING:
+            raise ContainerError(f"container {state.name} is running: stop it first")
+        if not is_mounted(sd.rootfs):
+            self.mounter.mount(self.store, state.image_id, str(sd.rootfs),
+                               upper=str(sd.upper), work=str(sd.work))  # fmt: skip
+        state.mounted = True
+        sd.save(state)
+        for name, text in rootfs.etc_files(state.spec.hostname, state.spec.network).items():
+            (sd.etc / name).write_text(text)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        from cowfs.atomic import write_json_atomic
+
+        write_json_atomic(directory / "config.json", oci_config(state.spec, str(sd.rootfs),
+                                                                str(sd.etc)))
+        return directory / "config.json"

@@ -1,0 +1,84 @@
+"""Starting a process inside (new or existing) namespaces and cgroups.
+
+    runtime (subreaper) ── fork ─> intermediate: setsid, stdio, join cgroup,
+                                   unshare (run) or setns (exec) ── fork ─> target
+                                   sends the target's host pid, exits
+
+The pid namespace only applies to children of the process that unshared it, hence the
+intermediate. It exits at once; the runtime is a child subreaper, so the target is re-parented
+to it and the runtime waits on it directly. The cgroup is joined before the fork so the target
+never runs a moment outside its limits.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import NoReturn
+
+from cowfs.errors import ContainerError
+from runtime import channel, namespaces
+from runtime import syscalls as sc
+from runtime.cgroups import Cgroup
+from runtime.namespaces import Namespace
+from runtime.syscalls import Syscalls
+
+
+def _close_other_fds(keep: set[int]) -> None:
+    # Nothing of the host may leak in through an inherited descriptor.
+    top = 3
+    for fd in sorted(keep | {2}):
+        if fd >= top:
+            os.closerange(top, fd)
+            top = fd + 1
+    os.closerange(top, os.sysconf("SC_OPEN_MAX"))
+
+
+def launch(
+    sys: Syscalls,
+    target: Callable[[socket.socket], NoReturn],
+    *,
+    namespaces_: list[Namespace],
+    join_pid: int | None = None,
+    cgroup: Cgroup | None = None,
+    stdio: tuple[int, int, int] = (0, 1, 2),
+) -> tuple[int, socket.socket]:
+    """Start `target(chan)` in the namespaces; returns its host pid and our end of the channel."""
+    ours, theirs = channel.pair()
+    sys.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    pid = os.fork()
+    if pid == 0:  # intermediate
+        try:
+            ours.close()
+            os.setsid()  # no terminal signals from the caller's session reach the container
+            for fd, src in enumerate(stdio):
+                if src != fd:
+                    os.dup2(src, fd)
+            _close_other_fds({theirs.fileno()})
+            if cgroup is not None:
+                cgroup.join(os.getpid())
+            if join_pid is None:
+                namespaces.unshare_all(sys, namespaces_)
+            else:
+                namespaces.join(sys, join_pid, namespaces_)
+            child = os.fork()
+            if child == 0:
+                target(theirs)  # never returns
+            channel.send(theirs, {"pid": child})
+            os._exit(0)
+        except BaseException as exc:  # noqa: BLE001 - report and _exit, never unwind a fork
+            try:
+                channel.send(theirs, {"error": f"cannot start container process: {exc}"})
+            finally:
+                os._exit(125)
+    theirs.close()
+    try:
+        msg, _ = channel.recv(ours)
+        assert msg is not None
+    finally:
+        os.waitpid(pid, 0)
+    if "error" in msg:
+        ours.close()
+        raise ContainerError(msg["error"])
+    return int(msg["pid"]), ours
