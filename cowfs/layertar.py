@@ -534,7 +534,13 @@ def _tarinfo(name: str, e: Entry | None) -> tarfile.TarInfo:
     seconds, ns = divmod(e.mtime, 1_000_000_000)
     info.mtime = seconds
     if ns:
-        info.pax_headers["mtime"] = f"{seconds}.{ns:09d}"
+        info.pax_headers["mtime"] = _pax_time(e.mtime)
+    # atime and ctime only when they say something (GNU tar's posix format carries them), so
+    # that a layer read from such a tar exports and re-imports as the same layer.
+    if e.atime != e.mtime:
+        info.pax_headers["atime"] = _pax_time(e.atime)
+    if e.ctime != e.mtime:
+        info.pax_headers["ctime"] = _pax_time(e.ctime)
     if e.kind == REG:
         info.size = e.size
     elif e.kind == SYMLINK:
@@ -544,6 +550,11 @@ def _tarinfo(name: str, e: Entry | None) -> tarfile.TarInfo:
     for key, value in sorted((e.xattrs or {}).items()):
         info.pax_headers["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
     return info
+
+
+def _pax_time(ns: int) -> str:
+    seconds, frac = divmod(ns, 1_000_000_000)
+    return f"{seconds}.{frac:09d}" if frac else str(seconds)
 
 
 Opener = Callable[[Entry], BinaryIO]
