@@ -71,7 +71,9 @@ def _bcrypt(password: str) -> str:
         warnings.simplefilter("ignore", DeprecationWarning)
         import crypt  # deprecated, but the only bcrypt in the standard library (via libxcrypt)
 
-        return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+        return crypt.crypt(
+            password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)
+        )  # cost 4: fast tests
 
 
 @contextlib.contextmanager
@@ -294,7 +296,7 @@ def fake_registry() -> Iterator[FakeRegistry]:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield FakeRegistry(f"127.0.0.1:{server.server_address[1]}", routes, log)

@@ -1,0 +1,197 @@
+"""Credentials, Basic and Bearer authentication, TLS: config.json parsing, Debian's
+docker-registry with htpasswd and with a self-signed certificate, and a token service."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cowfs.errors import AuthError, InvalidInput, RegistryError
+from cowfs.registry import auth
+from cowfs.registry.pull import pull
+from cowfs.registry.push import push
+from cowfs.rootfs import import_rootfs
+from cowfs.store import Store
+from tests.registry_fixtures import Layer, OciImage, fake_registry, run_registry, sha
+
+COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.fixture
+def docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$DOCKER_CONFIG pointing at an empty dir, $HOME elsewhere: no real credentials leak in."""
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "docker").mkdir()
+    return tmp_path / "docker" / "config.json"
+
+
+# -- config.json --------------------------------------------------------------------------------
+
+
+def test_lookup_forms(docker_config: Path) -> None:
+    docker_config.write_text(json.dumps({"auths": {
+        "https://index.docker.io/v1/": {"auth": b64("hubuser:hubpw")},
+        "http://myreg.example:5000/v2/": {"username": "u", "password": "p"},
+        "tok.example": {"identitytoken": "refresh-me"},
+        "empty.example": {},
+    }}))  # fmt: skip
+    assert auth.lookup("docker.io") == auth.Credentials("hubuser", "hubpw")
+    assert auth.lookup("myreg.example:5000") == auth.Credentials("u", "p")
+    assert auth.lookup("tok.example") == auth.Credentials(identity_token="refresh-me")
+    assert auth.lookup("empty.example") is None
+    assert auth.lookup("other.example") is None
+
+
+def test_authfile_wins_and_must_exist(docker_config: Path, tmp_path: Path) -> None:
+    docker_config.write_text(json.dumps({"auths": {"r.example": {"auth": b64("a:1")}}}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"auths": {"r.example": {"auth": b64("b:2")}}}))
+    assert auth.lookup("r.example", str(other)) == auth.Credentials("b", "2")
+    with pytest.raises(InvalidInput, match="does not exist"):
+        auth.lookup("r.example", str(tmp_path / "missing.json"))
+    other.write_text("{not json")
+    with pytest.raises(InvalidInput, match="cannot read auth file"):
+        auth.lookup("r.example", str(other))
+
+
+def test_home_docker_config_is_the_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".docker").mkdir()
+    (tmp_path / ".docker" / "config.json").write_text(
+        json.dumps({"auths": {"h.example": {"auth": b64("me:pw")}}})
+    )
+    assert auth.lookup("h.example") == auth.Credentials("me", "pw")
+
+
+def test_parse_challenge() -> None:
+    scheme, params = auth.parse_challenge(
+        'Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull,push"'
+    )
+    assert scheme == "bearer"
+    assert params == {"realm": "https://auth.example/token", "service": "reg",
+                      "scope": "repository:a/b:pull,push"}  # fmt: skip
+    assert auth.parse_challenge('Basic realm="x y"') == ("basic", {"realm": "x y"})
+
+
+# -- htpasswd (Basic) against the real registry -------------------------------------------------
+
+
+def test_basic_auth_with_real_registry(tmp_path: Path, docker_config: Path) -> None:
+    with run_registry(tmp_path / "registry", htpasswd=True) as reg:
+        store = Store(tmp_path / "store")
+        import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
+        with pytest.raises(AuthError, match="no credentials found"):
+            pull(store, f"{reg.host}/app:v1")
+        bad = reg.authfile(tmp_path / "bad.json", password="wrong")
+        with pytest.raises(AuthError, match="rejected"):
+            pull(store, f"{reg.host}/app:v1", authfile=str(bad))
+        good = reg.authfile(tmp_path / "good.json")
+        push(store, "src:v1", f"{reg.host}/app:v1", authfile=str(good))
+        # $DOCKER_CONFIG/config.json is read without --authfile.
+        reg.authfile(docker_config)
+        res = pull(Store(tmp_path / "fresh"), f"{reg.host}/app:v1")
+        assert res.downloaded == 1
+
+        # The CLI says it in one line, with a non-zero exit.
+        docker_config.unlink()
+        proc = subprocess.run([*COWFS, "--root", str(tmp_path / "cli"), "pull",
+                               f"{reg.host}/app:v1"], capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == AuthError.exit_code
+        assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert "authentication required" in proc.stderr
+
+
+def _tree(root: Path) -> Path:
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "motd").write_text("auth test\n")
+    return root
+
+
+# -- TLS with a self-signed certificate ---------------------------------------------------------
+
+
+def test_tls_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with run_registry(tmp_path / "registry", tls=True) as reg:
+        assert reg.cert is not None
+        store = Store(tmp_path / "store")
+        import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
+        with pytest.raises(RegistryError, match="certificate not trusted.*--insecure"):
+            push(store, "src:v1", f"{reg.host}/app:v1")
+        push(store, "src:v1", f"{reg.host}/app:v1", insecure=True)
+        monkeypatch.setenv("SSL_CERT_FILE", str(reg.cert))
+        res = pull(Store(tmp_path / "fresh"), f"{reg.host}/app:v1")
+        assert res.downloaded == 1
+
+
+# -- Bearer tokens (a token service in front of a fake registry) --------------------------------
+
+
+@pytest.fixture
+def bearer_registry() -> Iterator:
+    """A registry that wants `Bearer good-token`, issued by /token to tester:pw for repo app."""
+    with fake_registry() as fake:
+        realm = f"http://{fake.host}/token"
+
+        def challenge(scope: str = "") -> dict[str, str]:
+            extra = f',scope="{scope}"' if scope else ""
+            return {"WWW-Authenticate": f'Bearer realm="{realm}",service="fake"{extra}'}
+
+        def token(h) -> tuple[int, dict[str, str], bytes]:
+            if h.headers.get("Authorization") != "Basic " + b64("tester:pw"):
+                return 401, {}, b'{"details":"bad credentials"}'
+            return 200, {"Content-Type": "application/json"}, b'{"token": "good-token"}'
+
+        def guarded(inner):
+            def handle(h):
+                if h.headers.get("Authorization") != "Bearer good-token":
+                    return 401, challenge("repository:app:pull"), b""
+                return inner(h) if callable(inner) else inner
+
+            return handle
+
+        fake.routes[("GET", "/token")] = token
+        fake.routes[("GET", "/v2/")] = lambda h: (401, challenge(), b"")
+        img = OciImage([Layer({"hello": b"bearer\n"})]).build()
+        fake.serve_image("app", "v1", img)
+        for key, route in list(fake.routes.items()):
+            if key[1].startswith("/v2/app/"):
+                fake.routes[key] = guarded(route)
+        fake.image = img  # type: ignore[attr-defined]
+        yield fake
+
+
+def test_bearer_token_flow(bearer_registry, tmp_path: Path) -> None:
+    cfg = tmp_path / "auth.json"
+    cfg.write_text(json.dumps({"auths": {bearer_registry.host: {"auth": b64("tester:pw")}}}))
+    store = Store(tmp_path / "store")
+    res = pull(store, f"{bearer_registry.host}/app:v1", authfile=str(cfg))
+    assert res.layers == 1
+    token_calls = [p for m, p, _ in bearer_registry.log if p.startswith("/token")]
+    assert token_calls and "scope=repository%3Aapp%3Apull" in token_calls[0]
+    blob = sha(bearer_registry.image.layers[0].blob)
+    assert ("GET", f"/v2/app/blobs/{blob}", "Bearer good-token") in bearer_registry.log
+
+
+def test_bearer_without_credentials(bearer_registry, tmp_path: Path, docker_config: Path) -> None:
+    store = Store(tmp_path / "store")
+    with pytest.raises(AuthError, match="no credentials found"):
+        pull(store, f"{bearer_registry.host}/app:v1")
+    cfg = tmp_path / "auth.json"
+    cfg.write_text(json.dumps({"auths": {bearer_registry.host: {"auth": b64("tester:nope")}}}))
+    with pytest.raises(AuthError, match="refused the credentials"):
+        pull(store, f"{bearer_registry.host}/app:v1", authfile=str(cfg))
+    assert store.tags() == {} and list(store.tmp.iterdir()) == []
