@@ -251,11 +251,22 @@ def _import_oci(store: Store, source: _Source, selector: str | None, tag: str | 
     return store.add_image(layer_ids, config, tags=[tag] if tag else [])
 
 
-def _tag_from_ref_name(ref_name: str, default_name: str) -> str:
+def _tag_from_ref_name(ref_name: str, default_name: str) -> str | None:
     # A ref name is either a full reference ("docker.io/library/busybox:1.36") or just a tag.
     if "/" in ref_name or ":" in ref_name:
-        return normalize_ref(ref_name)
-    return normalize_ref(f"{default_name}:{ref_name}")
+        return familiar(ref_name)
+    return familiar(f"{default_name}:{ref_name}")
+
+
+def familiar(ref: str) -> str | None:
+    """The store's name for a reference found in an archive, as `cowfs pull` names images:
+    "docker.io/library/busybox:1" -> "busybox:1". None when it is no usable name."""
+    from cowfs.registry.reference import parse
+
+    try:
+        return parse(ref).local_tag
+    except InvalidInput:
+        return None
 
 
 def _pick_manifest(source: _Source, index: Any, selector: str | None) -> dict[str, Any]:
@@ -369,7 +380,7 @@ def _import_docker(store: Store, source: _Source, selector: str | None, tag: str
             ))  # fmt: skip
     repo_tags = entry.get("RepoTags") or []
     if tag is None and repo_tags:
-        tag = normalize_ref(repo_tags[0])
+        tag = familiar(repo_tags[0])
     return store.add_image(layer_ids, config, tags=[tag] if tag else [])
 
 
@@ -478,12 +489,13 @@ def _export_oci(store: Store, image: Image, ref: str, out: str, compression: str
             index = json.loads(index_path.read_bytes())
         except ValueError:
             raise InvalidInput(f"{index_path} exists and is not valid JSON") from None
-    # A tag names one manifest: the new export replaces whatever carried that tag before.
-    index["manifests"] = [
-        m for m in index.get("manifests", [])
-        if not (ref_tag and (m.get("annotations") or {}).get(REF_NAME) == ref_tag)
-        and m.get("digest") != mdesc["digest"]
-    ] + [mdesc]  # fmt: skip
+    # A tag names one manifest: the new export replaces whatever carried that tag before (an
+    # untagged export replaces an untagged entry of the same manifest).
+    def replaced(m: dict[str, Any]) -> bool:
+        name = (m.get("annotations") or {}).get(REF_NAME)
+        return name == ref_tag if ref_tag else (name is None and m.get("digest") == mdesc["digest"])
+
+    index["manifests"] = [m for m in index.get("manifests", []) if not replaced(m)] + [mdesc]
     write_atomic(index_path, _dumps(index))
     return mdesc["digest"]
 
