@@ -282,7 +282,8 @@ def fake_registry() -> Iterator[FakeRegistry]:
                 status, headers, body = route
             self.send_response(status)
             for k, v in headers.items():
-                self.send_header(k, v)
+                if v:  # an empty value leaves the header out
+                    self.send_header(k, v)
             if "Content-Length" not in headers:
                 self.send_header("Content-Length", str(len(body)))
             self.end_headers()
