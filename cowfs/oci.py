@@ -119,7 +119,8 @@ class _TarSource(_Source):
             self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
             self.members = {_norm(m.name): m for m in self.tar.getmembers()}
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise InvalidInput(f"{path}: not a readable tar archive ({exc})") from None
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidInput(f"{path}: not a readable tar archive ({why})") from None
 
     def open(self, path: str) -> tuple[BinaryIO, int]:
         m = self.members.get(_norm(path))
