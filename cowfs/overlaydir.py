@@ -61,14 +61,17 @@ def fd_path(dir_fd: int, name: str) -> str:
     Used for the calls that have no dir_fd form (the *xattr family); the last component is not
     followed when the caller passes follow_symlinks=False.
     """
-    return f"/proc/self/fd/{dir_fd}/{name}" if name else f"/proc/self/fd/{dir_fd}"
+    return f"/proc/self/fd/{dir_fd}/{name}"
 
 
 def read_xattrs(dir_fd: int, name: str) -> dict[str, bytes]:
-    """All xattrs of `name` (not following a symlink), bookkeeping included."""
-    path = fd_path(dir_fd, name)
+    """All xattrs of `name` (not following a symlink), bookkeeping included; of the directory
+    itself when `name` is ""."""
+    # /proc/self/fd/N is itself a symlink: the directory's own xattrs are read through its fd.
+    path: str | int = fd_path(dir_fd, name) if name else dir_fd
+    nofollow = isinstance(path, str)  # (os refuses follow_symlinks=False with an fd)
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=not nofollow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return {}
@@ -76,7 +79,7 @@ def read_xattrs(dir_fd: int, name: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for key in names:
         try:
-            out[key] = os.getxattr(path, key, follow_symlinks=False)
+            out[key] = os.getxattr(path, key, follow_symlinks=not nofollow)
         except OSError as exc:
             if exc.errno != errno.ENODATA:  # removed while we looked
                 raise

@@ -141,3 +141,11 @@ def test_non_utf8_names_and_determinism(tmp_path: Path) -> None:
     assert a.entries["b"].link == a.entries["z0"].link == 1
     assert a.entries[name].link == a.entries["z1"].link == 2
     assert stat.S_ISREG(a.entries[name].st_mode)
+
+
+def test_root_xattrs_and_opaque_root(tmp_path: Path) -> None:
+    os.setxattr(tmp_path, "user.root", b"r")
+    (tmp_path / "f").write_bytes(b"")
+    toc = overlaydir.scan(tmp_path)
+    assert toc.entries[""].xattrs == {"user.root": b"r"}
+    assert toc.entries["f"].xattrs is None
