@@ -66,6 +66,7 @@ MEDIA_BY_COMPRESSION = {None: MEDIA_TAR, "gzip": MEDIA_GZIP, "zstd": MEDIA_ZSTD}
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20
+_TAR_BUF = 64 << 10
 
 Progress = Callable[[int], None]  # called with the number of blob bytes just consumed
 
@@ -98,9 +99,9 @@ class _HashingReader(io.RawIOBase):
     """Reads through `f`, hashing and counting; refuses to go past `budget` bytes."""
 
     def __init__(self, f: BinaryIO, budget: int | None, what: str,
-                 progress: Progress | None = None) -> None:  # fmt: skip
+                 progress: Progress | None = None, hashing: bool = True) -> None:  # fmt: skip
         self.f = f
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.sha256() if hashing else None
         self.count = 0
         self.budget = budget
         self.what = what
@@ -124,7 +125,8 @@ class _HashingReader(io.RawIOBase):
         return data
 
     def _account(self, data: bytes) -> None:
-        self.sha.update(data)
+        if self.sha is not None:
+            self.sha.update(data)
         self.count += len(data)
         if self.budget is not None and self.count > self.budget:
             raise InvalidInput(
@@ -138,6 +140,7 @@ class _HashingReader(io.RawIOBase):
             pass
 
     def digest(self) -> str:
+        assert self.sha is not None
         return "sha256:" + self.sha.hexdigest()
 
 
@@ -409,9 +412,14 @@ def read_layer(
     `lb` is the store's LayerBuilder the entries go into. Raises InvalidInput
     (UnsafePath for escaping names) naming the entry at fault.
     """
-    raw = _HashingReader(f, None, what, progress)
-    head = raw.read(4)
+    head = f.read(4)
     compression = detect_compression(head)
+    # An uncompressed blob is its own diff: hash it once, as the diff.
+    raw = _HashingReader(f, None, what, progress, hashing=compression is not None)
+    if compression is not None:
+        raw._account(head)
+    elif progress is not None:
+        progress(len(head))
     if compression is None:
         budget = None  # an uncompressed stream is its own size; sparse files are counted below
     else:
@@ -423,7 +431,9 @@ def read_layer(
     state = _LayerReader(lb, limits.budget(blob_size or 0), what)
     member: tarfile.TarInfo | None = None
     try:
-        with tarfile.open(fileobj=diff, mode="r|", bufsize=_CHUNK, encoding="utf-8",
+        # A small stream buffer: tarfile's stream mode copies what is left of its buffer on
+        # every read, so 1 MiB buffers made each 512-byte header read cost a 1 MiB copy.
+        with tarfile.open(fileobj=diff, mode="r|", bufsize=_TAR_BUF, encoding="utf-8",
                           errors="surrogateescape") as tar:  # fmt: skip
             for member in tar:
                 state.apply(tar, member)
@@ -437,7 +447,8 @@ def read_layer(
     except (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
         at = f" at {member.name!r}" if member is not None else ""
         raise InvalidInput(f"{what}{at}: damaged or truncated archive ({_why(exc)})") from None
-    return toc, raw.digest(), diff.digest(), compression
+    blob_digest = raw.digest() if compression is not None else diff.digest()
+    return toc, blob_digest, diff.digest(), compression
 
 
 def _why(exc: BaseException) -> str:
