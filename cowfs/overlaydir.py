@@ -20,6 +20,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import xxhash
 
@@ -105,6 +106,26 @@ def hash_file(dir_fd: int, name: str) -> str:
         os.close(fd)
 
 
+def open_under(root: str | os.PathLike, rel: str) -> BinaryIO:
+    """Open the regular file `rel` under `root` for reading: component by component with dir
+    fds (any path length), following no symlink on the way."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        *dirs, name = rel.split("/")
+        for d in dirs:
+            sub = os.open(d, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            ffd = os.open(name, flags | os.O_NOATIME, dir_fd=fd)
+        except PermissionError:
+            ffd = os.open(name, flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+    return os.fdopen(ffd, "rb")
+
+
 @dataclass(slots=True)
 class _Frame:
     fd: int
@@ -114,8 +135,9 @@ class _Frame:
 
 
 class _Scanner:
-    def __init__(self, hash_contents: bool) -> None:
+    def __init__(self, hash_contents: bool, keep_bookkeeping: bool) -> None:
         self.hash_contents = hash_contents
+        self.keep_bookkeeping = keep_bookkeeping
         self.toc = Toc()
         self.digests: dict[tuple[int, int], str] = {}  # (dev, ino) -> xxh128: hash once per inode
         self.candidates: dict[tuple[int, int], list[Entry]] = {}
@@ -155,8 +177,9 @@ class _Scanner:
                 raise InvalidInput(f"{e.path or '/'}: overlayfs {feature} is not supported")
         if e.kind == DIR and b"y" in (xattrs.get(OPAQUE_XATTR), xattrs.get(USER_OPAQUE_XATTR)):
             self.toc.opaque.add(e.path)
-        kept = {k: v for k, v in xattrs.items() if not is_bookkeeping(k)}
-        e.xattrs = kept or None
+        if not self.keep_bookkeeping:
+            xattrs = {k: v for k, v in xattrs.items() if not is_bookkeeping(k)}
+        e.xattrs = xattrs or None
 
     def scan(self, root: str) -> Toc:
         try:
@@ -216,11 +239,15 @@ def _sorted_names(dir_fd: int) -> list[str]:
         return sorted(e.name for e in it)
 
 
-def scan(root: str | os.PathLike, *, hash_contents: bool = False) -> Toc:
+def scan(
+    root: str | os.PathLike, *, hash_contents: bool = False, keep_bookkeeping: bool = False
+) -> Toc:
     """Read the overlayfs-format directory `root` into a Toc.
 
     Whiteouts go to `toc.whiteouts`, opaque directories to `toc.opaque` (they are entries too).
     With `hash_contents`, every regular file's `digest` is its xxh128 (each hard-link group is
     read once); otherwise digests are left "" and the caller reads contents from the host.
+    With `keep_bookkeeping`, overlayfs's and cowfs's own xattrs stay in the entries (for `diff`,
+    which reads copy-up origins from them); a layer must never carry them.
     """
-    return _Scanner(hash_contents).scan(os.fspath(root))
+    return _Scanner(hash_contents, keep_bookkeeping).scan(os.fspath(root))
