@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
+import shlex
 from typing import Any
 
 from cowfs import layertar, overlaydir
@@ -94,7 +96,7 @@ def _new_config(
         inner = config.setdefault("config", {})
         if not isinstance(inner, dict):
             raise InvalidInput("base image config has a malformed 'config' object")
-        inner.update(copy.deepcopy(changes))
+        apply_changes(inner, changes)
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     config["created"] = now
     if author:
@@ -116,3 +118,65 @@ def _new_config(
 
 def _tree_key(path: str) -> tuple[str, ...]:
     return tuple(path.split("/")) if path else ()
+
+
+def apply_changes(inner: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Apply `changes` to an image config's `config` object: keys replace what was there,
+    except `Env` (merged by variable name), `Labels` and `ExposedPorts` (merged by key)."""
+    for key, value in copy.deepcopy(changes).items():
+        if key == "Env":
+            env = {e.partition("=")[0]: e for e in inner.get("Env") or []}
+            env.update({e.partition("=")[0]: e for e in value})
+            inner["Env"] = list(env.values())
+        elif key in ("Labels", "ExposedPorts"):
+            inner[key] = {**(inner.get(key) or {}), **value}
+        else:
+            inner[key] = value
+
+
+_INSTRUCTIONS = {"CMD": "Cmd", "ENTRYPOINT": "Entrypoint", "ENV": "Env", "WORKDIR": "WorkingDir",
+                 "USER": "User", "LABEL": "Labels", "EXPOSE": "ExposedPorts",
+                 "STOPSIGNAL": "StopSignal"}  # fmt: skip
+
+
+def parse_change(text: str) -> dict[str, Any]:
+    """One `docker commit --change` instruction -> config changes.
+
+    CMD/ENTRYPOINT take JSON (exec form) or a shell string; ENV and LABEL take KEY=VALUE pairs
+    (ENV also `KEY VALUE`); WORKDIR, USER, STOPSIGNAL a word; EXPOSE ports (`80`, `53/udp`).
+    """
+    word, _, rest = text.strip().partition(" ")
+    key = _INSTRUCTIONS.get(word.upper())
+    rest = rest.strip()
+    if key is None or not rest:
+        known = ", ".join(sorted(_INSTRUCTIONS))
+        raise InvalidInput(f"unsupported --change {text!r} (one of {known}, with a value)")
+    if key in ("Cmd", "Entrypoint"):
+        if rest.startswith("["):
+            try:
+                value = json.loads(rest)
+            except ValueError:
+                raise InvalidInput(f"--change {text!r}: not a JSON list") from None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidInput(f"--change {text!r}: expected a JSON list of strings")
+            return {key: value}
+        return {key: ["/bin/sh", "-c", rest]}
+    if key == "Env":
+        pairs = _pairs(rest, text) if "=" in rest.split(" ", 1)[0] else [rest.split(" ", 1)]
+        return {"Env": [f"{k}={v.strip()}" for k, v in pairs]}
+    if key == "Labels":
+        return {"Labels": dict(_pairs(rest, text))}
+    if key == "ExposedPorts":
+        ports = [p if "/" in p else p + "/tcp" for p in rest.split()]
+        return {"ExposedPorts": {p: {} for p in ports}}
+    return {key: rest}
+
+
+def _pairs(rest: str, text: str) -> list[tuple[str, str]]:
+    out = []
+    for item in shlex.split(rest):
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise InvalidInput(f"--change {text!r}: expected KEY=VALUE")
+        out.append((k, v))
+    return out
