@@ -20,6 +20,38 @@ def _store(obj: dict):
     return Store(obj["root"])
 
 
+# -- mount and umount ------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("image_ref", metavar="IMAGE")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--upper", type=click.Path(file_okay=False), help="Writable upper dir (with --work).")
+@click.option("--work", type=click.Path(file_okay=False), help="Work dir (same fs as upper).")
+@click.option("--read-only", is_flag=True, help="No upper: every change fails with EROFS.")
+@click.option("--foreground", is_flag=True, help="Serve in this process until unmounted.")
+@click.pass_obj
+def mount(obj: dict, image_ref: str, mountpoint: str, upper: str | None, work: str | None,
+          read_only: bool, foreground: bool) -> None:  # fmt: skip
+    """Mount IMAGE at MOUNTPOINT; returns once the mount is live (daemon in the background).
+
+    Without --upper/--work, changes go to a fresh upper dir under the store.
+    """
+    from cowfs import mounting
+
+    mounting.mount(_store(obj), image_ref, mountpoint, upper, work, read_only,
+                   foreground=foreground)  # fmt: skip
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+def umount(mountpoint: str) -> None:
+    """Flush and unmount MOUNTPOINT, and wait for its daemon to exit."""
+    from cowfs import mounting
+
+    mounting.umount(mountpoint)
+
+
 # -- diff and commit -------------------------------------------------------------------------------
 
 

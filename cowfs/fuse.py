@@ -1,0 +1,298 @@
+"""The FUSE adapter: mfusepy on libfuse3 over `cowfs.unionfs.UnionFS`, and nothing else.
+
+It turns FUSE's absolute paths into union paths, fills stat buffers, and translates exceptions to
+errno in one place (`_CowfsFUSE._wrapper`). Everything the filesystem means lives in unionfs.
+
+Options, and why:
+- use_ino: st_ino and readdir's d_ino are the union's stable numbers;
+- long entry/attr/negative timeouts: lower layers are immutable and every change goes through
+  this mount (DESIGN decision 2), so the kernel may cache names and attributes;
+- keep_cache per open file of the lower (its content cannot change), not for upper files;
+- hard_remove: an unlinked open file is served from its handle (libfuse then gives no path),
+  never renamed to .fuse_hidden;
+- readdirplus with full attributes: a stat-walk costs one request per directory, not per file;
+- default_permissions (the kernel checks modes as for any filesystem), allow_other as root.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would pick libfuse2 if installed
+
+import mfusepy  # noqa: E402
+
+from cowfs.errors import CowfsError  # noqa: E402
+from cowfs.unionfs import Owner, UnionFS  # noqa: E402
+
+log = logging.getLogger("cowfs.fuse")
+
+CACHE_TIMEOUT = 86400.0  # seconds: see decision 2
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+FUSE_READDIR_PLUS = 1
+FUSE_FILL_DIR_PLUS = 2
+
+
+def _path(path: str | None) -> str:
+    """FUSE's '/a/b' -> the union's 'a/b' ('' for the root)."""
+    return path[1:] if path else ""
+
+
+def _opt(path: str | None) -> str | None:
+    """Like _path, but None (an unlinked open file) stays None."""
+    return None if path is None else path[1:]
+
+
+class _CowfsFUSE(mfusepy.FUSE):
+    """mfusepy.FUSE with the few callbacks whose mfusepy form loses information."""
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> int:
+        # The one place exceptions become errnos: CowfsError carries its own errno; OSError
+        # and unexpected errors are left to mfusepy (errno, or EINVAL with a logged traceback).
+        try:
+            return super()._wrapper(_translating(func), *args, **kwargs)
+        except CowfsError as exc:  # pragma: no cover - _translating handles it
+            return -exc.errno
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(os.fsdecode(old), os.fsdecode(new), flags)
+
+    # setattr-style calls get the open file too: with hard_remove an unlinked file has no path.
+
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        if buf:
+            a, m = buf[0], buf[1]
+            times = ((a.tv_sec, a.tv_nsec), (m.tv_sec, m.tv_nsec))
+        else:
+            now = (0, (1 << 30) - 1)  # UTIME_NOW for both
+            times = (now, now)
+        return self.operations.utimens(_dec(path), times, _fh(fip))
+
+    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
+        return self.operations.chmod(_dec(path), mode, _fh(fip))
+
+    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
+        # uid/gid (uid_t)-1 means "leave unchanged"
+        uid = -1 if uid == 0xFFFFFFFF else uid
+        gid = -1 if gid == 0xFFFFFFFF else gid
+        return self.operations.chown(_dec(path), uid, gid, _fh(fip))
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        return self.operations.truncate(_dec(path), length, _fh(fip))
+
+    def readdir_fuse_3(self, path, buf, filler, offset, fip, flags) -> int:  # noqa: ANN001
+        plus = bool(flags & FUSE_READDIR_PLUS)
+        st = mfusepy.c_stat()
+        for name, attrs in self.operations.readdir(None if path is None else os.fsdecode(path)):
+            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+            if plus:
+                mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            else:
+                st.st_ino = attrs["st_ino"]
+                st.st_mode = attrs["st_mode"]
+            if filler(buf, os.fsencode(name), st, 0, FUSE_FILL_DIR_PLUS if plus else 0):
+                break
+        return 0
+
+
+def _dec(path: bytes | None) -> str | None:
+    return None if path is None else os.fsdecode(path)
+
+
+def _fh(fip: Any) -> int | None:
+    return fip.contents.fh if fip else None
+
+
+def _translating(func: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CowfsError as exc:
+            raise OSError(exc.errno, exc.message) from None
+
+    call.__name__ = getattr(func, "__name__", "call")
+    return call
+
+
+class Operations(mfusepy.Operations):
+    """FUSE callbacks, each a one-line hand-over to the union filesystem."""
+
+    use_ns = True
+
+    def __init__(self, fs: UnionFS, *, writeback: bool = False,
+                 on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+        self.fs = fs
+        self.writeback = writeback
+        self.on_ready = on_ready
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:
+            config.use_ino = 1
+            config.readdir_ino = 0
+            config.nullpath_ok = 0
+            config.hard_remove = 1
+            config.kernel_cache = 0
+            config.entry_timeout = CACHE_TIMEOUT
+            config.attr_timeout = CACHE_TIMEOUT
+            config.negative_timeout = CACHE_TIMEOUT
+        if conn is not None and self.writeback and conn.capable & FUSE_CAP_WRITEBACK_CACHE:
+            conn.want |= FUSE_CAP_WRITEBACK_CACHE
+        if self.on_ready is not None:
+            # INIT arrives once the mount exists: from here on the mount is live.
+            self.on_ready()
+
+    def destroy(self, path: str) -> None:
+        self.fs.close()
+
+    @staticmethod
+    def _owner() -> Owner:
+        uid, gid, _ = mfusepy.fuse_get_context()
+        return Owner(uid, gid)
+
+    def getattr(self, path: str | None, fi: Any = None) -> dict[str, int]:
+        if fi is not None:
+            return self.fs.fgetattr(fi.fh)
+        return self.fs.getattr(_path(path))
+
+    def readdir(self, path: str, fh: int = 0) -> list[tuple[str, dict[str, int]]]:
+        return self.fs.readdir(_path(path))
+
+    def readlink(self, path: str) -> str:
+        return self.fs.readlink(_path(path))
+
+    def open(self, path: str, fi: Any) -> int:
+        fi.fh, keep = self.fs.open(_path(path), fi.flags)
+        fi.keep_cache = int(keep)
+        return 0
+
+    def create(self, path: str, mode: int, fi: Any) -> int:
+        fi.fh = self.fs.create(_path(path), mode, fi.flags, self._owner())
+        return 0
+
+    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
+        return self.fs.read(fi.fh, size, offset)
+
+    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
+        return self.fs.write(fi.fh, data, offset)
+
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        self.fs.truncate(None if path is None else _path(path), length, fh)
+        return 0
+
+    def flush(self, path: str | None, fi: Any) -> int:
+        return 0
+
+    def release(self, path: str | None, fi: Any) -> int:
+        self.fs.release(fi.fh)
+        return 0
+
+    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
+        self.fs.fsync(fi.fh, bool(datasync))
+        return 0
+
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
+        if path is not None:
+            self.fs.fsyncdir(_path(path))
+        return 0
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.fs.statfs()
+
+    def mkdir(self, path: str, mode: int) -> int:
+        self.fs.mkdir(_path(path), mode, self._owner())
+        return 0
+
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        self.fs.mknod(_path(path), mode, dev, self._owner())
+        return 0
+
+    def symlink(self, target: str, source: str) -> int:
+        # mfusepy's naming: `target` is the new link's path, `source` what it points to.
+        self.fs.symlink(_path(target), source, self._owner())
+        return 0
+
+    def link(self, target: str, source: str) -> int:
+        self.fs.link(_path(source), _path(target))
+        return 0
+
+    def unlink(self, path: str) -> int:
+        self.fs.unlink(_path(path))
+        return 0
+
+    def rmdir(self, path: str) -> int:
+        self.fs.rmdir(_path(path))
+        return 0
+
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        self.fs.rename(_path(old), _path(new), flags)
+        return 0
+
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
+        self.fs.chmod(_opt(path), mode, fh)
+        return 0
+
+    def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
+        self.fs.chown(_opt(path), uid, gid, fh)
+        return 0
+
+    def utimens(self, path: str | None, times: Any = None, fh: int | None = None) -> int:
+        atime, mtime = times
+        self.fs.utimens(_opt(path), atime, mtime, fh)
+        return 0
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self.fs.getxattr(_path(path), name)
+
+    def listxattr(self, path: str) -> list[str]:
+        return self.fs.listxattr(_path(path))
+
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        self.fs.setxattr(_path(path), name, value, options)
+        return 0
+
+    def removexattr(self, path: str, name: str) -> int:
+        self.fs.removexattr(_path(path), name)
+        return 0
+
+
+def serve(
+    fs: UnionFS,
+    mountpoint: str,
+    *,
+    fsname: str = "cowfs",
+    read_only: bool = False,
+    threads: bool = False,
+    writeback: bool = False,
+    allow_other: bool | None = None,
+    debug: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount `fs` at `mountpoint` and serve it until unmounted (runs in the calling process)."""
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    options: dict[str, Any] = {
+        "fsname": fsname,
+        "subtype": "cowfs",
+        "default_permissions": True,
+        "foreground": True,
+        "nothreads": not threads,
+        "raw_fi": True,
+        "use_ino": True,
+    }
+    if allow_other:
+        options["allow_other"] = True
+    if read_only:
+        options["ro"] = True
+    if debug:
+        options["debug"] = True
+    raw_fi = options.pop("raw_fi")
+    try:
+        ops = Operations(fs, writeback=writeback, on_ready=on_ready)
+        _CowfsFUSE(ops, mountpoint, raw_fi=raw_fi, **options)
+    except RuntimeError as exc:
+        raise CowfsError(f"FUSE mount of {mountpoint} failed: {exc}", errno=errno.EIO) from None

@@ -1,0 +1,388 @@
+"""Mount lifecycle: build the union filesystem, serve it from a daemon, unmount and wait.
+
+`mount()` (an image of the store) and `mount_dirs()` (plain host directories as lowers, as
+`mount -t fuse.cowfs -o lowerdir=...` does) start a daemon process and return its pid once the
+mount is live: the daemon reports readiness over a pipe from the FUSE init callback, or the
+reason it failed; nobody sleeps. The daemon runs in its own session, outside any container
+namespace or cgroup (DESIGN decision 7), and records its pid under a run directory so that
+`umount()` can stop it: syncfs, unmount, then wait for the daemon to exit.
+
+`python -m cowfs.mounting` is both the daemon entry (`--daemon SPEC`) and the mount(8) helper
+(`SOURCE MOUNTPOINT -o lowerdir=A:B,upperdir=U,workdir=W`, leftmost lowerdir on top).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import select
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cowfs.errors import Corruption, CowfsError, InvalidInput, MountError, NotFound
+from cowfs.index import INDEX_VERSION, MergedIndex, merge
+from cowfs.toc import Toc
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2
+# mount(8) passes these generic options to every helper; they mean nothing special here.
+_GENERIC_OPTIONS = {
+    "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "async", "sync", "dev",
+    "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "strictatime",
+    "nodiratime", "_netdev", "nofail",
+}  # fmt: skip
+
+
+def run_dir() -> Path:
+    base = "/run/cowfs" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+    path = Path(base) / "mounts" if os.geteuid() == 0 else Path(base) / "cowfs-mounts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _pidfile(mountpoint: str) -> Path:
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:32]
+    return run_dir() / f"{key}.json"
+
+
+# -- building the filesystem ----------------------------------------------------------------------
+
+
+def image_index(store: Any, image: Any) -> MergedIndex:
+    """The merged index of an image: from <store>/cache/, or merged and cached."""
+    path = Path(store.cache_dir) / f"index-{image.id}-v{INDEX_VERSION}"
+    try:
+        return MergedIndex.loads(path.read_bytes())
+    except FileNotFoundError:
+        pass
+    except Corruption:
+        pass  # a damaged cache is rebuilt: it is derived data
+    idx = merge([store.load_toc(layer_id) for layer_id in image.layers])
+    from cowfs.atomic import write_atomic
+
+    write_atomic(path, idx.dumps())
+    return idx
+
+
+def _scan_dir(path: str) -> Toc:
+    from cowfs.overlaydir import scan
+
+    return scan(path)
+
+
+def build_image_fs(store: Any, ref: str, upper: str | None, work: str | None,
+                   read_only: bool) -> Any:  # fmt: skip
+    from cowfs.unionfs import StoredLayer, UnionFS
+
+    image = store.resolve(ref)
+    idx = image_index(store, image)
+    layers = [StoredLayer(store.objects) for _ in image.layers]
+    return UnionFS(idx, layers, upper, work, read_only=read_only)
+
+
+def build_dir_fs(lowers: Sequence[str], upper: str | None, work: str | None,
+                 read_only: bool) -> Any:  # fmt: skip
+    """Lowers top first, as overlayfs's lowerdir= lists them."""
+    from cowfs.unionfs import DirLayer, UnionFS
+
+    bottom_first = list(reversed(lowers))
+    idx = merge([_scan_dir(d) for d in bottom_first])
+    return UnionFS(idx, [DirLayer(d) for d in bottom_first], upper, work, read_only=read_only)
+
+
+# -- the daemon ------------------------------------------------------------------------------------
+
+
+def _check_dirs(mountpoint: str, upper: str | None, work: str | None, read_only: bool) -> None:
+    if not os.path.isdir(mountpoint):
+        raise NotFound(f"mount point {mountpoint} is not a directory")
+    if (upper is None) != (work is None):
+        raise InvalidInput("--upper and --work go together")
+    for what, d in (("upper", upper), ("work", work)):
+        if d is not None and not os.path.isdir(d):
+            raise NotFound(f"{what} directory {d} does not exist")
+    same_fs = upper is None or work is None or os.stat(upper).st_dev == os.stat(work).st_dev
+    if not read_only and not same_fs:
+        raise InvalidInput("upper and work directories must be on the same filesystem")
+
+
+def _spawn(spec: dict[str, Any]) -> int:
+    """Start the daemon for `spec` and return its pid once the mount is live."""
+    r, w = os.pipe()
+    spec = dict(spec, ready_fd=w)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cowfs.mounting", "--daemon", json.dumps(spec)],
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL if not spec.get("debug") else None,
+            start_new_session=True,  # terminal signals to the caller must not kill the mount
+            cwd="/",
+        )
+    finally:
+        os.close(w)
+    try:
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+    answer = b"".join(chunks).decode(errors="replace")
+    if answer.startswith("ready"):
+        _DAEMONS[proc.pid] = proc
+        return proc.pid
+    proc.wait()
+    message = answer.removeprefix("error ").strip() or f"daemon exited with {proc.returncode}"
+    raise MountError(f"cannot mount {spec['mountpoint']}: {message}")
+
+
+_DAEMONS: dict[int, subprocess.Popen] = {}
+
+
+def _daemon_main(spec: dict[str, Any]) -> int:
+    from cowfs.fuse import serve
+
+    ready_fd = spec["ready_fd"]
+    os.umask(0)  # modes are set explicitly on every created entry
+    try:
+        if spec.get("store"):
+            from cowfs.store import Store
+
+            fs = build_image_fs(Store(spec["store"]), spec["ref"], spec["upper"], spec["work"],
+                                spec["read_only"])  # fmt: skip
+        else:
+            fs = build_dir_fs(spec["lowers"], spec["upper"], spec["work"], spec["read_only"])
+    except (CowfsError, OSError) as exc:
+        msg = exc.message if isinstance(exc, CowfsError) else str(exc)
+        _tell(ready_fd, f"error {msg}")
+        return 2
+
+    # Computed before serving: realpath() stats the mount point, which from inside the FUSE
+    # loop itself would wait for this very process.
+    pidfile = _pidfile(spec["mountpoint"])
+
+    def ready() -> None:
+        nonlocal ready_fd
+        pidfile.write_text(json.dumps({"pid": os.getpid()}))
+        if ready_fd >= 0:
+            os.write(ready_fd, b"ready")
+            os.close(ready_fd)
+            ready_fd = -1
+
+    try:
+        serve(fs, spec["mountpoint"], fsname=spec.get("fsname", "cowfs"),
+              read_only=spec["read_only"], threads=spec.get("threads", False),
+              writeback=spec.get("writeback", False), on_ready=ready)  # fmt: skip
+    except CowfsError as exc:
+        _tell(ready_fd, f"error {exc.message}")
+        return 2
+    finally:
+        pidfile.unlink(missing_ok=True)
+    _tell(ready_fd, "error FUSE did not start (is /dev/fuse usable?)")
+    return 0
+
+
+def _tell(fd: int, message: str) -> None:
+    if fd >= 0:
+        os.write(fd, message.encode())
+
+
+# -- public API ------------------------------------------------------------------------------------
+
+
+def _fresh_upper(store: Any) -> tuple[str, str]:
+    base = Path(store.root) / "mounts" / os.urandom(8).hex()
+    (base / "upper").mkdir(parents=True)
+    (base / "work").mkdir()
+    return str(base / "upper"), str(base / "work")
+
+
+def mount(
+    store: Any,
+    ref: str,
+    mountpoint: str | os.PathLike,
+    upper: str | os.PathLike | None = None,
+    work: str | os.PathLike | None = None,
+    read_only: bool = False,
+    *,
+    foreground: bool = False,
+    threads: bool = False,
+    writeback: bool = False,
+) -> int:
+    """Mount image `ref` of `store` at `mountpoint`; return the daemon pid once it is live.
+
+    Without upper/work a fresh pair is made under <store>/mounts/ (unless read_only).
+    """
+    mountpoint = os.path.abspath(mountpoint)
+    up = None if upper is None else os.path.abspath(upper)
+    wk = None if work is None else os.path.abspath(work)
+    _check_dirs(mountpoint, up, wk, read_only)
+    store.resolve(ref)  # a bad reference is the caller's error, reported here
+    if up is None and not read_only:
+        up, wk = _fresh_upper(store)
+    spec = {"store": str(store.root), "ref": ref, "mountpoint": mountpoint, "upper": up,
+            "work": wk, "read_only": read_only, "threads": threads, "writeback": writeback,
+            "fsname": f"cowfs:{ref}"}  # fmt: skip
+    return _run(spec, foreground)
+
+
+def mount_dirs(
+    lowers: Sequence[str | os.PathLike],
+    mountpoint: str | os.PathLike,
+    upper: str | os.PathLike | None = None,
+    work: str | os.PathLike | None = None,
+    read_only: bool = False,
+    *,
+    foreground: bool = False,
+    threads: bool = False,
+    writeback: bool = False,
+    fsname: str = "cowfs",
+) -> int:
+    """Mount plain directories (top first, like lowerdir=) with an optional upper."""
+    if not lowers:
+        raise InvalidInput("at least one lower directory is needed")
+    mountpoint = os.path.abspath(mountpoint)
+    up = None if upper is None else os.path.abspath(upper)
+    wk = None if work is None else os.path.abspath(work)
+    _check_dirs(mountpoint, up, wk, read_only or up is None)
+    for d in lowers:
+        if not os.path.isdir(d):
+            raise NotFound(f"lower directory {d} does not exist")
+    spec = {"lowers": [os.path.abspath(d) for d in lowers], "mountpoint": mountpoint,
+            "upper": up, "work": wk, "read_only": read_only or up is None, "threads": threads,
+            "writeback": writeback, "fsname": fsname}  # fmt: skip
+    return _run(spec, foreground)
+
+
+def _run(spec: dict[str, Any], foreground: bool) -> int:
+    if not foreground:
+        return _spawn(spec)
+    rc = _daemon_main(dict(spec, ready_fd=-1))  # nobody waits for readiness in the foreground
+    if rc:
+        raise MountError(f"cannot mount {spec['mountpoint']}")
+    return os.getpid()
+
+
+def is_mounted(mountpoint: str | os.PathLike) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            if line.split()[4].replace("\\040", " ") == target:
+                return True
+    return False
+
+
+def umount(mountpoint: str | os.PathLike, *, lazy: bool = False) -> None:
+    """Flush the mount, unmount it and wait until its daemon has exited."""
+    mountpoint = os.path.abspath(mountpoint)
+    if not is_mounted(mountpoint):
+        raise NotFound(f"{mountpoint} is not mounted")
+    pidfile = _pidfile(mountpoint)
+    pid = None
+    try:
+        pid = json.loads(pidfile.read_text())["pid"]
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _libc.syncfs(fd)  # write back cached pages to the daemon while it still serves
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    pidfd = _pidfd(pid)
+    try:
+        if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
+            code = ctypes.get_errno()
+            if code == errno.EPERM:  # not root: the setuid helper can do it
+                res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True,
+                                     text=True)  # fmt: skip
+                if res.returncode:
+                    raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip()}")
+            else:
+                raise MountError(f"cannot unmount {mountpoint}: {os.strerror(code)}")
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable when the daemon has exited
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    proc = _DAEMONS.pop(pid, None) if pid is not None else None
+    if proc is not None:
+        proc.wait()
+
+
+def _pidfd(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+# -- command line of the daemon and of mount(8) ------------------------------------------------
+
+
+def _helper_main(argv: list[str]) -> int:
+    """mount(8) helper: SOURCE MOUNTPOINT [-o opts] (other mount(8) flags are accepted)."""
+    args, opts = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "-o" and i + 1 < len(argv):
+            opts.extend(argv[i + 1].split(","))
+            i += 2
+            continue
+        if a.startswith("-o") and len(a) > 2:
+            opts.extend(a[2:].split(","))
+        elif a in ("-n", "-s", "-f", "-v"):
+            pass
+        elif a == "-N":
+            i += 1
+        else:
+            args.append(a)
+        i += 1
+    if len(args) != 2:
+        print("usage: mount.fuse.cowfs SOURCE MOUNTPOINT -o lowerdir=A:B[,upperdir=U,workdir=W]",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    source, mountpoint = args
+    values: dict[str, str] = {}
+    flags: set[str] = set()
+    for opt in filter(None, opts):
+        key, sep, value = opt.partition("=")
+        if sep:
+            values[key] = value
+        elif opt not in _GENERIC_OPTIONS:
+            flags.add(opt)
+    unknown = (set(values) - {"lowerdir", "upperdir", "workdir"}) | (flags - {"ro"})
+    try:
+        if unknown:
+            raise InvalidInput(f"unsupported option(s): {', '.join(sorted(unknown))}")
+        if "lowerdir" not in values:
+            raise InvalidInput("lowerdir= is required")
+        lowers = [d for d in values["lowerdir"].split(":") if d]
+        mount_dirs(lowers, mountpoint, values.get("upperdir"), values.get("workdir"),
+                   read_only="ro" in flags, fsname=source)  # fmt: skip
+    except CowfsError as exc:
+        print(f"Error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--daemon"]:
+        return _daemon_main(json.loads(argv[1]))
+    return _helper_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

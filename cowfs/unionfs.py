@@ -1,0 +1,1118 @@
+"""The union filesystem: read-only lower layers (a merged index) under one writable upper directory.
+
+What the filesystem *is* lives here; `cowfs.fuse` only adapts it to FUSE. Operations take paths
+relative to the mount root ('' is the root, no leading slash), raise OSError or CowfsError with
+an errno, and know nothing of FUSE.
+
+Model. The lower tree is the in-memory `MergedIndex`. The upper directory is in kernel-overlayfs
+format (0/0 character-device whiteouts, `trusted.overlay.opaque=y` directories) and is mirrored in
+memory (`_up`: path -> kind or WHITEOUT, `_kids`, `_opaque`), so a lookup of an unchanged lower
+path costs no system call. A path is visible from the upper if it is there and not a whiteout;
+otherwise from the lower if the index has it and no upper ancestor hides it (a whiteout, a
+non-directory, or an opaque directory). Everything the mount changes goes through this object
+(DESIGN decision 2), which keeps the mirror exact.
+
+Copy-up. The first change of any kind to a lower entry copies it into the upper: parents first,
+built in the work directory (content with holes kept, owner, mode, xattrs, times) and renamed
+into place, so a crash never leaves a half-copied file visible. A lower hard-link group is copied
+as one inode: every visible alias is linked to the copy before the copies are renamed in.
+
+Inode numbers. Lower entries take the index's numbers (stable for the same image); the copy-up
+records that number in the `trusted.cowfs.origin` xattr, so st_ino does not change on copy-up or
+across remounts. Entries born in the upper get 2**32 + their host inode number.
+
+Rename of a lower or merged directory copies its whole subtree up (no EXDEV, no redirect xattrs):
+the upper stays in plain overlayfs format that `commit` and other tools understand, at the cost
+of copying the data of a renamed lower tree once. Kernel overlayfs returns EXDEV instead.
+
+Open files are served from host fds (upper) or lower readers; an unlinked open file keeps working
+because the handle never goes back to its path.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cowfs.errors import CowfsError
+from cowfs.hostdir import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, link, move
+from cowfs.index import ROOT_INO, MergedIndex
+from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, kind_of_mode
+
+WHITEOUT = "w"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+ORIGIN_XATTR = "trusted.cowfs.origin"
+# The layering's own xattrs: hidden from users, never copied, never settable through the mount.
+_PRIVATE_XATTRS = ("trusted.overlay.", "trusted.cowfs.")
+UPPER_INO_BASE = 1 << 32
+NAME_MAX = 255
+_COPY_CHUNK = 1 << 20
+_WORK_PREFIX = "#cowfs-"
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+_IFMT_KIND = {
+    stat.S_IFREG: REG, stat.S_IFDIR: DIR, stat.S_IFLNK: SYMLINK, stat.S_IFCHR: CHR,
+    stat.S_IFBLK: BLK, stat.S_IFIFO: FIFO, stat.S_IFSOCK: SOCK,
+}  # fmt: skip
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+def err(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code), what)
+
+
+# -- lower content sources ----------------------------------------------------------------------
+
+
+class Reader(Protocol):
+    def pread(self, size: int, offset: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class LowerLayer(Protocol):
+    """Where the content of one lower layer's regular files comes from."""
+
+    def open(self, path: str, entry: Entry) -> Reader: ...
+    def host_fd(self, path: str) -> int | None: ...  # a host fd for fast copy-up, if any
+    def close(self) -> None: ...
+
+
+class _FdReader:
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _EmptyReader:
+    def pread(self, size: int, offset: int) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class DirLayer:
+    """A plain host directory used as a read-only lower (`-o lowerdir=`)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.dir = HostDir(root)
+
+    def host_fd(self, path: str) -> int | None:
+        return self.dir.open(path, os.O_RDONLY)
+
+    def open(self, path: str, entry: Entry) -> Reader:
+        return _FdReader(self.dir.open(path, os.O_RDONLY))
+
+    def close(self) -> None:
+        self.dir.close()
+
+
+class StoredLayer:
+    """A layer of the store: contents are objects keyed by digest."""
+
+    def __init__(self, objects: Any) -> None:
+        self.objects = objects
+
+    def host_fd(self, path: str) -> int | None:
+        return None
+
+    def open(self, path: str, entry: Entry) -> Reader:
+        if not entry.digest:
+            return _EmptyReader()
+        return self.objects.open(entry.digest)
+
+    def close(self) -> None:
+        pass
+
+
+# -- handles and attributes -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Handle:
+    """An open file: a host fd of the upper, or a reader of a lower layer."""
+
+    ino: int
+    fd: int = -1
+    reader: Reader | None = None
+    entry: Entry | None = None  # lower metadata, for fstat of a lower handle
+    nlink: int = 1
+    keep_cache: bool = False
+
+
+@dataclass(slots=True)
+class Owner:
+    """Who creates a file: the caller's uid and gid (the kernel has applied the umask)."""
+
+    uid: int = 0
+    gid: int = 0
+
+
+def _attr_of_entry(e: Entry, ino: int, nlink: int) -> dict[str, int]:
+    return {
+        "st_mode": e.st_mode, "st_ino": ino, "st_nlink": nlink, "st_uid": e.uid,
+        "st_gid": e.gid, "st_size": e.size, "st_atime": e.atime, "st_mtime": e.mtime,
+        "st_ctime": e.ctime, "st_rdev": e.rdev, "st_blksize": 4096,
+        "st_blocks": (e.size + 511) // 512,
+    }  # fmt: skip
+
+
+def _attr_of_stat(st: os.stat_result, ino: int, nlink: int) -> dict[str, int]:
+    return {
+        "st_mode": st.st_mode, "st_ino": ino, "st_nlink": nlink, "st_uid": st.st_uid,
+        "st_gid": st.st_gid, "st_size": st.st_size, "st_atime": st.st_atime_ns,
+        "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns, "st_rdev": st.st_rdev,
+        "st_blksize": st.st_blksize, "st_blocks": st.st_blocks,
+    }  # fmt: skip
+
+
+def _locked(method: Callable) -> Callable:
+    def wrapper(self: UnionFS, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+def _parent_name(path: str) -> tuple[str, str]:
+    parent, _, name = path.rpartition("/")
+    return parent, name
+
+
+def _check_name(path: str) -> None:
+    if len(os.fsencode(path.rpartition("/")[2])) > NAME_MAX:
+        raise err(errno.ENAMETOOLONG, path)
+
+
+class UnionFS:
+    """Lower layers (index + content sources) under an upper dir; every call is errno-raising."""
+
+    def __init__(
+        self,
+        index: MergedIndex,
+        layers: Sequence[LowerLayer],
+        upper: str | os.PathLike | None,
+        work: str | os.PathLike | None,
+        *,
+        read_only: bool = False,
+    ) -> None:
+        self.idx = index
+        self.layers = list(layers)
+        self.read_only = read_only or upper is None
+        self.upper = HostDir(upper) if upper is not None else None
+        self.work = HostDir(work) if work is not None and not self.read_only else None
+        if not self.read_only and self.work is None:
+            raise CowfsError("a writable mount needs a work directory", errno=errno.EINVAL)
+        self._lock = threading.RLock()
+        self._up: dict[str, str] = {}
+        self._kids: dict[str, set[str]] = {}
+        self._opaque: set[str] = set()
+        self._ino: dict[str, int] = {}
+        self._listing: dict[str, list[tuple[str, bool]]] = {}
+        self._hiders = 0  # upper entries that can hide lower ones: fast path when 0
+        self._handles: dict[int, Handle] = {}
+        self._fh = itertools.count(1)
+        self._tmp = itertools.count(1)
+        if self.upper is not None:
+            self._scan_upper()
+        if self.work is not None:
+            self._clean_work()
+
+    def close(self) -> None:
+        for h in list(self._handles.values()):
+            self._close_handle(h)
+        self._handles.clear()
+        for layer in self.layers:
+            layer.close()
+        for d in (self.upper, self.work):
+            if d is not None:
+                d.close()
+
+    # -- the upper mirror -----------------------------------------------------------------------
+
+    def _scan_upper(self) -> None:
+        assert self.upper is not None
+        self._up[""] = DIR
+        self._kids[""] = set()
+        if self._has_opaque_xattr(""):
+            self._opaque.add("")
+        stack = [""]
+        while stack:
+            d = stack.pop()
+            fd = self.upper.opendir(d)
+            try:
+                with os.scandir(fd) as it:
+                    found = [(x.name, x.stat(follow_symlinks=False)) for x in it]
+            finally:
+                os.close(fd)
+            for name, st in found:
+                path = f"{d}/{name}" if d else name
+                kind = self._kind_of_stat(st)
+                self._record(path, kind)
+                if kind == DIR:
+                    if self._has_opaque_xattr(path):
+                        self._opaque.add(path)
+                        self._hiders += 1
+                    stack.append(path)
+
+    def _has_opaque_xattr(self, path: str) -> bool:
+        assert self.upper is not None
+        try:
+            return self.upper.getxattr(path, OPAQUE_XATTR) == b"y"
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return False
+            raise
+
+    @staticmethod
+    def _kind_of_stat(st: os.stat_result) -> str:
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            return WHITEOUT
+        return _IFMT_KIND[stat.S_IFMT(st.st_mode)]
+
+    def _record(self, path: str, kind: str) -> None:
+        """Note in the mirror that the upper now has `kind` at `path`."""
+        old = self._up.get(path)
+        if old is not None and old != DIR:
+            self._hiders -= 1
+        self._up[path] = kind
+        if kind != DIR:
+            self._hiders += 1
+        elif path not in self._kids:
+            self._kids[path] = set()
+        parent, name = _parent_name(path)
+        self._kids[parent].add(name)
+        self._listing.pop(parent, None)
+        self._listing.pop(path, None)
+
+    def _forget(self, path: str) -> None:
+        """Note that the upper no longer has `path` (and anything below it)."""
+        old = self._up.pop(path, None)
+        if old is None:
+            return
+        if old != DIR:
+            self._hiders -= 1
+        self._ino.pop(path, None)
+        if old == DIR:
+            if path in self._opaque:
+                self._opaque.discard(path)
+                self._hiders -= 1
+            prefix = path + "/"
+            for name in self._kids.pop(path, set()):
+                self._forget(prefix + name)
+            self._listing.clear()
+        parent, name = _parent_name(path)
+        self._kids[parent].discard(name)
+        self._listing.pop(parent, None)
+
+    def _set_opaque(self, path: str) -> None:
+        if path not in self._opaque:
+            self._opaque.add(path)
+            self._hiders += 1
+        self._listing.pop(path, None)
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    def _hidden(self, path: str) -> bool:
+        """Whether an upper ancestor hides the lower entry at `path`."""
+        if not self._hiders:
+            return False
+        up = self._up
+        while path:
+            path = path.rpartition("/")[0]
+            k = up.get(path)
+            if k is not None and (k != DIR or path in self._opaque):
+                return True
+        return False
+
+    def _lower(self, path: str) -> Entry | None:
+        """The lower entry visible at `path` if the upper does not cover it."""
+        e = self.idx.entries.get(path)
+        if e is None or self._hidden(path):
+            return None
+        return e
+
+    def _node(self, path: str) -> tuple[bool, str] | None:
+        """(in upper, kind) of the visible entry at `path`, or None."""
+        k = self._up.get(path)
+        if k is not None:
+            return None if k == WHITEOUT else (True, k)
+        e = self._lower(path)
+        return None if e is None else (False, e.kind)
+
+    def _need(self, path: str) -> tuple[bool, str]:
+        node = self._node(path)
+        if node is None:
+            _check_name(path)
+            raise err(errno.ENOENT, path)
+        return node
+
+    def _need_dir(self, path: str) -> bool:
+        in_upper, kind = self._need(path)
+        if kind != DIR:
+            raise err(errno.ENOTDIR, path)
+        return in_upper
+
+    def _absent(self, path: str) -> None:
+        """For creating `path`: its parent must be a directory and the name free."""
+        _check_name(path)
+        self._need_dir(_parent_name(path)[0])
+        if self._node(path) is not None:
+            raise err(errno.EEXIST, path)
+
+    def _listdir(self, path: str) -> list[tuple[str, bool]]:
+        """Visible children of a visible directory: (name, in upper), sorted."""
+        cached = self._listing.get(path)
+        if cached is not None:
+            return cached
+        out: dict[str, bool] = {}
+        up_dir = self._up.get(path) == DIR
+        if up_dir:
+            prefix = path + "/" if path else ""
+            for name in self._kids.get(path, ()):
+                if self._up[prefix + name] != WHITEOUT:
+                    out[name] = True
+        merge_lower = not up_dir or path not in self._opaque
+        if merge_lower:
+            e = self.idx.entries.get(path)
+            if e is not None and e.kind == DIR and not self._hidden(path):
+                kids = self._kids.get(path, ()) if up_dir else ()
+                for name in self.idx.children.get(path, ()):
+                    if name not in kids:
+                        out[name] = False
+        listing = sorted(out.items())
+        self._listing[path] = listing
+        return listing
+
+    def _ino_of(self, path: str, in_upper: bool, st: os.stat_result | None = None) -> int:
+        if not in_upper:
+            return self.idx.ino[path]
+        ino = self._ino.get(path)
+        if ino is None:
+            assert self.upper is not None
+            try:
+                ino = int(self.upper.getxattr(path, ORIGIN_XATTR))
+            except (OSError, ValueError):
+                if st is None:
+                    st = self.upper.lstat(path)
+                ino = ROOT_INO if not path else UPPER_INO_BASE + st.st_ino
+            self._ino[path] = ino
+        return ino
+
+    def _dir_nlink(self, path: str, in_upper: bool) -> int:
+        if not in_upper and not self._up:
+            return self.idx.nlink[path]
+        prefix = path + "/" if path else ""
+        n = 2
+        for name, up in self._listdir(path):
+            child = prefix + name
+            kind = self._up[child] if up else self.idx.entries[child].kind
+            if kind == DIR:
+                n += 1
+        return n
+
+    def _lower_nlink(self, path: str, ino: int) -> int:
+        group = self.idx.aliases.get(ino)
+        if not group:
+            return 1
+        return sum(1 for p in group if p not in self._up and not self._hidden(p))
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @_locked
+    def getattr(self, path: str) -> dict[str, int]:
+        in_upper, kind = self._need(path)
+        if not in_upper:
+            e = self.idx.entries[path]
+            ino = self.idx.ino[path]
+            if kind == DIR:
+                nlink = self._dir_nlink(path, False)
+            else:
+                nlink = self._lower_nlink(path, ino)
+            return _attr_of_entry(e, ino, nlink)
+        assert self.upper is not None
+        st = self.upper.lstat(path)
+        ino = self._ino_of(path, True, st)
+        nlink = self._dir_nlink(path, True) if kind == DIR else st.st_nlink
+        return _attr_of_stat(st, ino, nlink)
+
+    def fgetattr(self, fh: int) -> dict[str, int]:
+        h = self._handle(fh)
+        if h.fd >= 0:
+            st = os.fstat(h.fd)
+            return _attr_of_stat(st, h.ino, st.st_nlink)
+        assert h.entry is not None
+        return _attr_of_entry(h.entry, h.ino, h.nlink)
+
+    @_locked
+    def readdir(self, path: str) -> list[tuple[str, dict[str, int]]]:
+        """(name, attributes) of '.', '..' and every visible child, in a stable order."""
+        self._need_dir(path)
+        out = [(".", self.getattr(path)), ("..", self.getattr(_parent_name(path)[0]))]
+        prefix = path + "/" if path else ""
+        for name, _ in self._listdir(path):
+            out.append((name, self.getattr(prefix + name)))
+        return out
+
+    @_locked
+    def readlink(self, path: str) -> str:
+        in_upper, kind = self._need(path)
+        if kind != SYMLINK:
+            raise err(errno.EINVAL, path)
+        if in_upper:
+            assert self.upper is not None
+            return self.upper.readlink(path)
+        return self.idx.entries[path].target
+
+    @_locked
+    def getxattr(self, path: str, name: str) -> bytes:
+        in_upper, _ = self._need(path)
+        if name.startswith(_PRIVATE_XATTRS):
+            raise err(errno.ENODATA, name)
+        if in_upper:
+            assert self.upper is not None
+            return self.upper.getxattr(path, name)
+        value = (self.idx.entries[path].xattrs or {}).get(name)
+        if value is None:
+            raise err(errno.ENODATA, name)
+        return value
+
+    @_locked
+    def listxattr(self, path: str) -> list[str]:
+        in_upper, _ = self._need(path)
+        if in_upper:
+            assert self.upper is not None
+            names = self.upper.listxattr(path)
+        else:
+            names = list(self.idx.entries[path].xattrs or ())
+        return [n for n in names if not n.startswith(_PRIVATE_XATTRS)]
+
+    def statfs(self) -> dict[str, int]:
+        target = self.upper.fd if self.upper is not None else None
+        if target is None:
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": NAME_MAX,
+                    "f_files": len(self.idx)}  # fmt: skip
+        sv = os.statvfs(target)
+        return {
+            "f_bsize": sv.f_bsize, "f_frsize": sv.f_frsize, "f_blocks": sv.f_blocks,
+            "f_bfree": sv.f_bfree, "f_bavail": sv.f_bavail, "f_files": sv.f_files,
+            "f_ffree": sv.f_ffree, "f_favail": sv.f_favail, "f_namemax": NAME_MAX,
+        }  # fmt: skip
+
+    # -- open files -----------------------------------------------------------------------------
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise err(errno.EBADF)
+        return h
+
+    def _add_handle(self, h: Handle) -> int:
+        fh = next(self._fh)
+        self._handles[fh] = h
+        return fh
+
+    @staticmethod
+    def _close_handle(h: Handle) -> None:
+        if h.fd >= 0:
+            os.close(h.fd)
+            h.fd = -1
+        if h.reader is not None:
+            h.reader.close()
+            h.reader = None
+
+    @staticmethod
+    def _host_flags(flags: int) -> int:
+        # Writable opens are O_RDWR: with the writeback cache the kernel reads pages of files
+        # opened write-only. O_APPEND is dropped: the kernel gives every write its offset.
+        acc = os.O_RDWR if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDONLY
+        return acc | (flags & (os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME))
+
+    @_locked
+    def open(self, path: str, flags: int) -> tuple[int, bool]:
+        """A handle for `path` and whether the kernel may keep its page cache."""
+        in_upper, kind = self._need(path)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self._writable()
+        if not in_upper and not writing:
+            e = self.idx.entries[path]
+            ino = self.idx.ino[path]
+            reader = self.layers[self.idx.layer[path]].open(path, e)
+            nlink = self._lower_nlink(path, ino)
+            # Lower content never changes under a handle; a hard-linked one may be copied up
+            # through another alias, so only single-link files keep their cache across opens.
+            h = Handle(ino, reader=reader, entry=e, nlink=nlink, keep_cache=nlink == 1)
+            return self._add_handle(h), h.keep_cache
+        if not in_upper:
+            self._copy_up(path, data=not flags & os.O_TRUNC)
+        assert self.upper is not None
+        fd = self.upper.open(path, self._host_flags(flags))
+        return self._add_handle(Handle(self._ino_of(path, True), fd=fd)), False
+
+    @_locked
+    def create(self, path: str, mode: int, flags: int, owner: Owner) -> int:
+        self._writable()
+        self._absent(path)
+        parent, _ = _parent_name(path)
+        self._copy_up_dir(parent)
+        uid, gid, _ = self._new_owner(parent, owner)
+        hflags = self._host_flags(flags) | os.O_CREAT | os.O_EXCL
+        assert self.upper is not None and self.work is not None
+        if self._up.get(path) == WHITEOUT:
+            tmp = self._tmpname()
+            fd = self.work.open(tmp, hflags, stat.S_IMODE(mode))
+            try:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, stat.S_IMODE(mode))
+                move(self.work, tmp, self.upper, path)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            fd = self.upper.open(path, hflags, stat.S_IMODE(mode))
+            try:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, stat.S_IMODE(mode))
+            except BaseException:
+                os.close(fd)
+                raise
+        self._record(path, REG)
+        return self._add_handle(Handle(self._ino_of(path, True), fd=fd))
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        h = self._handle(fh)
+        if h.fd >= 0:
+            return os.pread(h.fd, size, offset)
+        assert h.reader is not None
+        return h.reader.pread(size, offset)
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        h = self._handle(fh)
+        if h.fd < 0:
+            raise err(errno.EBADF)
+        return os.pwrite(h.fd, data, offset)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._handle(fh)
+        if h.fd >= 0:
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    @_locked
+    def fsyncdir(self, path: str) -> None:
+        in_upper, _ = self._need(path)
+        if in_upper:
+            assert self.upper is not None
+            fd = self.upper.opendir(path)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            self._close_handle(h)
+
+    # -- changing metadata ----------------------------------------------------------------------
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise err(errno.EROFS)
+
+    def _to_upper(self, path: str, *, data: bool = True) -> None:
+        self._writable()
+        in_upper, _ = self._need(path)
+        if not in_upper:
+            self._copy_up(path, data=data)
+
+    @_locked
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+        if fh is not None:
+            h = self._handle(fh)
+            if h.fd >= 0:
+                os.ftruncate(h.fd, length)
+                return
+        assert path is not None
+        self._to_upper(path, data=length > 0)
+        assert self.upper is not None
+        fd = self.upper.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+
+    def _open_fd(self, fh: int | None) -> int:
+        """The host fd of an open upper file, for calls that come without a path."""
+        h = self._handle(fh) if fh is not None else None
+        if h is None or h.fd < 0:
+            raise err(errno.EBADF)
+        return h.fd
+
+    @_locked
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> None:
+        if path is None:
+            os.fchmod(self._open_fd(fh), stat.S_IMODE(mode))
+            return
+        self._to_upper(path)
+        assert self.upper is not None
+        self.upper.chmod(path, stat.S_IMODE(mode))
+
+    @_locked
+    def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> None:
+        """uid or gid -1 leaves that one unchanged."""
+        if path is None:
+            os.fchown(self._open_fd(fh), uid, gid)
+            return
+        self._to_upper(path)
+        assert self.upper is not None
+        self.upper.lchown(path, uid, gid)
+
+    @_locked
+    def utimens(self, path: str | None, atime: tuple[int, int], mtime: tuple[int, int],
+                fh: int | None = None) -> None:  # fmt: skip
+        """Times as (seconds, nanoseconds), each possibly UTIME_NOW or UTIME_OMIT."""
+        if path is None:
+            fd = self._open_fd(fh)
+            lstat: Callable[[], os.stat_result] = lambda: os.fstat(fd)  # noqa: E731
+        else:
+            self._to_upper(path)
+            assert self.upper is not None
+            up = self.upper
+            lstat = lambda: up.lstat(path)  # noqa: E731
+        st = None
+        now = time.time_ns()
+        ns = []
+        for (sec, nsec), old in ((atime, "st_atime_ns"), (mtime, "st_mtime_ns")):
+            if nsec == UTIME_NOW:
+                ns.append(now)
+            elif nsec == UTIME_OMIT:
+                st = st or lstat()
+                ns.append(getattr(st, old))
+            else:
+                ns.append(sec * 1_000_000_000 + nsec)
+        if path is None:
+            os.utime(fd, ns=(ns[0], ns[1]))
+        else:
+            self.upper.utime(path, (ns[0], ns[1]))
+
+    @_locked
+    def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
+        if name.startswith(_PRIVATE_XATTRS):
+            raise err(errno.EPERM, name)
+        self._to_upper(path)
+        assert self.upper is not None
+        self.upper.setxattr(path, name, value, flags)
+
+    @_locked
+    def removexattr(self, path: str, name: str) -> None:
+        if name.startswith(_PRIVATE_XATTRS):
+            raise err(errno.ENODATA, name)
+        self._need(path)
+        self._to_upper(path)
+        assert self.upper is not None
+        self.upper.removexattr(path, name)
+
+    # -- creating and removing names ------------------------------------------------------------
+
+    def _new_owner(self, parent: str, owner: Owner) -> tuple[int, int, int]:
+        """uid, gid and inherited setgid bit of a new entry, as a setgid parent dictates."""
+        assert self.upper is not None
+        pst = self.upper.lstat(parent)
+        if pst.st_mode & stat.S_ISGID:
+            return owner.uid, pst.st_gid, stat.S_ISGID
+        return owner.uid, owner.gid, 0
+
+    def _place(self, path: str, build: Callable[[HostDir, str], None], kind: str) -> None:
+        """Create a new upper entry: in place, or over a whiteout through the work dir."""
+        assert self.upper is not None and self.work is not None
+        if self._up.get(path) == WHITEOUT:
+            tmp = self._tmpname()
+            build(self.work, tmp)
+            if kind == DIR:
+                # A directory cannot be renamed over a whiteout: swap them, then drop the
+                # whiteout. The new directory must hide what the lower has at this path.
+                self.work.setxattr(tmp, OPAQUE_XATTR, b"y")
+                move(self.work, tmp, self.upper, path, RENAME_EXCHANGE)
+                self.work.unlink(tmp)
+                self._record(path, kind)
+                self._set_opaque(path)
+                return
+            move(self.work, tmp, self.upper, path)
+        else:
+            build(self.upper, path)
+        self._record(path, kind)
+
+    @_locked
+    def mkdir(self, path: str, mode: int, owner: Owner) -> None:
+        self._writable()
+        self._absent(path)
+        parent, _ = _parent_name(path)
+        self._copy_up_dir(parent)
+        uid, gid, sgid = self._new_owner(parent, owner)
+
+        def build(d: HostDir, rel: str) -> None:
+            d.mkdir(rel, 0o700)
+            d.lchown(rel, uid, gid)
+            d.chmod(rel, stat.S_IMODE(mode) | sgid)
+
+        self._place(path, build, DIR)
+
+    @_locked
+    def mknod(self, path: str, mode: int, rdev: int, owner: Owner) -> None:
+        self._writable()
+        self._absent(path)
+        kind = kind_of_mode(mode)
+        if kind == DIR:
+            raise err(errno.EINVAL, path)
+        if kind in (CHR,) and rdev == 0:
+            raise err(errno.EPERM, path)  # 0/0 is a whiteout in the upper: refuse, as overlayfs
+        parent, _ = _parent_name(path)
+        self._copy_up_dir(parent)
+        uid, gid, _ = self._new_owner(parent, owner)
+
+        def build(d: HostDir, rel: str) -> None:
+            d.mknod(rel, stat.S_IFMT(mode) | 0o600, rdev)
+            d.lchown(rel, uid, gid)
+            d.chmod(rel, stat.S_IMODE(mode))
+
+        self._place(path, build, kind)
+
+    @_locked
+    def symlink(self, path: str, target: str, owner: Owner) -> None:
+        self._writable()
+        self._absent(path)
+        parent, _ = _parent_name(path)
+        self._copy_up_dir(parent)
+        uid, gid, _ = self._new_owner(parent, owner)
+
+        def build(d: HostDir, rel: str) -> None:
+            d.symlink(target, rel)
+            d.lchown(rel, uid, gid)
+
+        self._place(path, build, SYMLINK)
+
+    @_locked
+    def link(self, existing: str, path: str) -> None:
+        self._writable()
+        _, kind = self._need(existing)
+        if kind == DIR:
+            raise err(errno.EPERM, existing)
+        self._absent(path)
+        if existing not in self._up:
+            self._copy_up(existing)
+        self._copy_up_dir(_parent_name(path)[0])
+        assert self.upper is not None
+        self._place(path, lambda d, rel: link(self.upper, existing, d, rel), kind)
+        self._ino.pop(path, None)
+
+    def _lower_below(self, path: str) -> bool:
+        """Whether the lower has an entry at `path` that the upper must keep hiding."""
+        return path in self.idx.entries and not self._hidden(path)
+
+    @_locked
+    def unlink(self, path: str) -> None:
+        self._writable()
+        in_upper, kind = self._need(path)
+        if kind == DIR:
+            raise err(errno.EISDIR, path)
+        parent, _ = _parent_name(path)
+        self._copy_up_dir(parent)
+        assert self.upper is not None and self.work is not None
+        if self._lower_below(path):
+            if in_upper:
+                tmp = self._tmpname()
+                self.work.mknod(tmp, stat.S_IFCHR, 0)
+                move(self.work, tmp, self.upper, path)
+            else:
+                self.upper.mknod(path, stat.S_IFCHR, 0)
+            self._forget(path)
+            self._record(path, WHITEOUT)
+        else:
+            self.upper.unlink(path)
+            self._forget(path)
+
+    @_locked
+    def rmdir(self, path: str) -> None:
+        self._writable()
+        if not path:
+            raise err(errno.EBUSY, "/")
+        in_upper = self._need_dir(path)
+        if self._listdir(path):
+            raise err(errno.ENOTEMPTY, path)
+        parent, _ = _parent_name(path)
+        self._copy_up_dir(parent)
+        assert self.upper is not None and self.work is not None
+        whiteout = self._lower_below(path)
+        if in_upper:
+            # The directory may still hold whiteouts: take it out of the tree atomically
+            # (swapped with its whiteout, or moved away), then empty it in the work dir.
+            tmp = self._tmpname()
+            if whiteout:
+                self.work.mknod(tmp, stat.S_IFCHR, 0)
+                move(self.work, tmp, self.upper, path, RENAME_EXCHANGE)
+            else:
+                move(self.upper, path, self.work, tmp)
+            self._remove_work_tree(tmp)
+        else:
+            self.upper.mknod(path, stat.S_IFCHR, 0)
+        self._forget(path)
+        if whiteout:
+            self._record(path, WHITEOUT)
+
+    def _remove_work_tree(self, rel: str) -> None:
+        assert self.work is not None
+        try:
+            st = self.work.lstat(rel)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            for name in self.work.listdir(rel):
+                self._remove_work_tree(f"{rel}/{name}")
+            self.work.rmdir(rel)
+        else:
+            self.work.unlink(rel)
+
+    @_locked
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        self._writable()
+        if flags & ~RENAME_NOREPLACE:
+            raise err(errno.EINVAL)  # RENAME_EXCHANGE / RENAME_WHITEOUT are not offered
+        _, kind = self._need(old)
+        _check_name(new)
+        self._need_dir(_parent_name(new)[0])
+        if new == old:
+            return
+        if new.startswith(old + "/"):
+            raise err(errno.EINVAL, new)
+        target = self._node(new)
+        if target is not None:
+            if flags & RENAME_NOREPLACE:
+                raise err(errno.EEXIST, new)
+            t_up, t_kind = target
+            if kind == DIR and t_kind != DIR:
+                raise err(errno.ENOTDIR, new)
+            if kind != DIR and t_kind == DIR:
+                raise err(errno.EISDIR, new)
+            if t_kind == DIR and self._listdir(new):
+                raise err(errno.ENOTEMPTY, new)
+            if kind != DIR and self._same_inode(old, new):
+                return  # POSIX: renaming a name onto another link of the same file does nothing
+        assert self.upper is not None and self.work is not None
+        if kind == DIR:
+            self._copy_up_tree(old)
+        elif old not in self._up:
+            self._copy_up(old)
+        self._copy_up_dir(_parent_name(new)[0])
+        whiteout = self._lower_below(old)
+        if target is not None and target[1] == DIR and target[0]:
+            tmp = self._tmpname()  # an upper dir that only looks empty: move it out first
+            move(self.upper, new, self.work, tmp)
+            self._remove_work_tree(tmp)
+            self._forget(new)
+        if kind == DIR and new in self.idx.entries:
+            # The lower has something at the new name: the moved tree must hide it.
+            self.upper.setxattr(old, OPAQUE_XATTR, b"y")
+            self._set_opaque(old)
+        if kind == DIR and self._up.get(new) == WHITEOUT:
+            self.upper.unlink(new)
+            self._forget(new)
+        move(self.upper, old, self.upper, new, RENAME_WHITEOUT if whiteout else 0)
+        self._move_mirror(old, new)
+        if whiteout:
+            self._record(old, WHITEOUT)
+
+    def _same_inode(self, a: str, b: str) -> bool:
+        na, nb = self._need(a), self._need(b)
+        ia = self._ino_of(a, na[0])
+        return ia == self._ino_of(b, nb[0]) and (na[0] == nb[0])
+
+    def _move_mirror(self, old: str, new: str) -> None:
+        kind = self._up[old]
+        moved: list[tuple[str, str, bool, int | None]] = []
+        stack = [old]
+        while stack:
+            p = stack.pop()
+            k = self._up[p]
+            moved.append((p[len(old):], k, p in self._opaque, self._ino.get(p)))
+            if k == DIR:
+                stack.extend(f"{p}/{n}" for n in self._kids.get(p, ()))
+        self._forget(old)
+        self._forget(new)
+        del kind
+        for suffix, k, opaque, ino in sorted(moved, key=lambda m: m[0].count("/")):
+            p = new + suffix
+            self._record(p, k)
+            if opaque:
+                self._set_opaque(p)
+            if ino is not None:
+                self._ino[p] = ino
+        self._listing.clear()
+
+    # -- copy-up --------------------------------------------------------------------------------
+
+    def _tmpname(self) -> str:
+        return f"{_WORK_PREFIX}{os.getpid()}-{next(self._tmp)}"
+
+    def _clean_work(self) -> None:
+        assert self.work is not None
+        for name in self.work.listdir(""):
+            if name.startswith(_WORK_PREFIX):
+                self._remove_work_tree(name)
+
+    def _copy_up_dir(self, path: str) -> None:
+        """Make sure the directory `path` (and its parents) exists in the upper."""
+        if self._up.get(path) == DIR:
+            return
+        self._copy_up_dir(_parent_name(path)[0])
+        self._copy_up(path)
+
+    def _copy_up(self, path: str, *, data: bool = True) -> None:
+        """Copy the visible lower entry at `path` into the upper, with its hard-link group."""
+        e = self._lower(path)
+        if e is None or path in self._up:
+            raise err(errno.ENOENT, path)
+        ino = self.idx.ino[path]
+        aliases = [path]
+        if e.kind != DIR:
+            group = self.idx.aliases.get(ino, ())
+            aliases += [p for p in group if p != path and p not in self._up and not self._hidden(p)]
+        for p in aliases:
+            self._copy_up_dir(_parent_name(p)[0])
+        assert self.upper is not None and self.work is not None
+        tmp = self._tmpname()
+        self._build_copy(tmp, path, e, ino, data)
+        tmps = [tmp]
+        try:
+            for _ in aliases[1:]:
+                extra = self._tmpname()
+                link(self.work, tmp, self.work, extra)
+                tmps.append(extra)
+            for p, t in zip(aliases, tmps, strict=True):
+                move(self.work, t, self.upper, p)
+                self._record(p, e.kind)
+                self._ino[p] = ino
+        except BaseException:
+            for t in tmps:
+                self._remove_work_tree(t)
+            raise
+
+    def _build_copy(self, tmp: str, path: str, e: Entry, ino: int, data: bool) -> None:
+        """Build the copy of lower entry `e` as `tmp` in the work dir, metadata last."""
+        assert self.work is not None
+        w = self.work
+        try:
+            if e.kind == REG:
+                fd = w.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    if data and e.size:
+                        self._copy_data(path, e, fd)
+                    os.ftruncate(fd, e.size if data else 0)
+                finally:
+                    os.close(fd)
+            elif e.kind == DIR:
+                w.mkdir(tmp, 0o700)
+            elif e.kind == SYMLINK:
+                w.symlink(e.target, tmp)
+            else:
+                w.mknod(tmp, e.st_mode & ~0o7777 | 0o600, e.rdev)
+            # chown clears setuid bits and security.capability: owner first, then mode, xattrs.
+            w.lchown(tmp, e.uid, e.gid)
+            if e.kind != SYMLINK:
+                w.chmod(tmp, e.mode)
+            for key, value in (e.xattrs or {}).items():
+                w.setxattr(tmp, key, value)
+            w.setxattr(tmp, ORIGIN_XATTR, str(ino).encode())
+            w.utime(tmp, (e.atime, e.mtime))
+        except BaseException:
+            self._remove_work_tree(tmp)
+            raise
+
+    def _copy_data(self, path: str, e: Entry, dst: int) -> None:
+        layer = self.layers[self.idx.layer[path]]
+        src = layer.host_fd(path)
+        if src is not None:
+            try:
+                _copy_fd(src, dst, e.size)
+            finally:
+                os.close(src)
+            return
+        reader = layer.open(path, e)
+        try:
+            off = 0
+            zero = bytes(_COPY_CHUNK)
+            while off < e.size:
+                chunk = reader.pread(min(_COPY_CHUNK, e.size - off), off)
+                if not chunk:
+                    break
+                # Holes where cheap: an all-zero chunk is skipped, ftruncate sets the size.
+                if chunk != zero[: len(chunk)]:
+                    os.pwrite(dst, chunk, off)
+                off += len(chunk)
+        finally:
+            reader.close()
+
+    def _copy_up_tree(self, path: str) -> None:
+        """Copy a directory and everything visible below it into the upper (for rename)."""
+        self._copy_up_dir(path)
+        prefix = path + "/" if path else ""
+        for name, up in self._listdir(path):
+            child = prefix + name
+            if up:
+                if self._up[child] == DIR:
+                    self._copy_up_tree(child)
+                continue
+            e = self.idx.entries[child]
+            if e.kind == DIR:
+                self._copy_up_tree(child)
+            elif child not in self._up:
+                self._copy_up(child)
+
+
+def _copy_fd(src: int, dst: int, size: int) -> None:
+    """Copy a host file keeping its holes: data extents only, in-kernel where possible."""
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(src, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                return
+            data = off
+        try:
+            hole = os.lseek(src, data, os.SEEK_HOLE)
+        except OSError:
+            hole = size
+        pos = data
+        while pos < hole:
+            n = _copy_range(src, dst, hole - pos, pos)
+            if n <= 0:
+                return
+            pos += n
+        off = hole
+
+
+def _copy_range(src: int, dst: int, count: int, pos: int) -> int:
+    try:
+        return os.copy_file_range(src, dst, count, pos, pos)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    chunk = os.pread(src, min(count, _COPY_CHUNK), pos)
+    return os.pwrite(dst, chunk, pos) if chunk else 0
