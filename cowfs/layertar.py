@@ -571,8 +571,11 @@ def _pax_time(ns: int) -> str:
 Opener = Callable[[Entry], BinaryIO]
 
 
-def write_tar(toc: Toc, out: BinaryIO, open_content: Opener) -> None:
-    """Write `toc` as a deterministic tar to `out`; contents come from open_content(entry)."""
+def write_tar(toc: Toc, out: BinaryIO, open_content: Opener,
+              progress: Progress | None = None) -> None:  # fmt: skip
+    """Write `toc` as a deterministic tar to `out`; contents come from open_content(entry).
+
+    `progress` is called with the bytes of file content written."""
     first_of_group: dict[int, str] = {}
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
                       errors="surrogateescape", bufsize=_CHUNK) as tar:  # fmt: skip
@@ -589,7 +592,7 @@ def write_tar(toc: Toc, out: BinaryIO, open_content: Opener) -> None:
                 first_of_group[e.link] = name
             if e is not None and e.kind == REG and e.size:
                 with open_content(e) as f:
-                    tar.addfile(info, _ExactSize(f, e.size, e.path))
+                    tar.addfile(info, _ExactSize(f, e.size, e.path, progress))
             else:
                 tar.addfile(info)
 
@@ -597,8 +600,8 @@ def write_tar(toc: Toc, out: BinaryIO, open_content: Opener) -> None:
 class _ExactSize(io.RawIOBase):
     """Content handed to tarfile; an object shorter than its entry says is corruption."""
 
-    def __init__(self, f: BinaryIO, size: int, path: str) -> None:
-        self.f, self.left, self.path = f, size, path
+    def __init__(self, f: BinaryIO, size: int, path: str, progress: Progress | None) -> None:
+        self.f, self.left, self.path, self.progress = f, size, path, progress
 
     def readable(self) -> bool:
         return True
@@ -608,6 +611,8 @@ class _ExactSize(io.RawIOBase):
         if not data and self.left:
             raise InvalidInput(f"{self.path!r}: stored content is shorter than its size")
         self.left -= len(data)
+        if self.progress is not None:
+            self.progress(len(data))
         return data
 
 
@@ -633,6 +638,7 @@ class _HashingWriter(io.RawIOBase):
 
 def write_blob(
     toc: Toc, out: BinaryIO | None, open_content: Opener, *, compression: str | None = "gzip",
+    progress: Progress | None = None,
 ) -> BlobInfo:  # fmt: skip
     """Write `toc` as a layer blob to `out` (None: only compute the digests)."""
     if compression not in MEDIA_BY_COMPRESSION:
@@ -642,31 +648,34 @@ def write_blob(
         # mtime=0 and no file name: the same layer gives the same bytes every time.
         z = gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=6)
         diff = _HashingWriter(z)  # type: ignore[arg-type]
-        write_tar(toc, diff, open_content)  # type: ignore[arg-type]
+        write_tar(toc, diff, open_content, progress)  # type: ignore[arg-type]
         z.close()
     elif compression == "zstd":
         cctx = zstandard.ZstdCompressor(level=3, write_content_size=False)
         z = cctx.stream_writer(blob, closefd=False)  # type: ignore[arg-type]
         diff = _HashingWriter(z)  # type: ignore[arg-type]
-        write_tar(toc, diff, open_content)  # type: ignore[arg-type]
+        write_tar(toc, diff, open_content, progress)  # type: ignore[arg-type]
         z.flush(zstandard.FLUSH_FRAME)
     else:
         diff = blob
-        write_tar(toc, diff, open_content)  # type: ignore[arg-type]
+        write_tar(toc, diff, open_content, progress)  # type: ignore[arg-type]
     return BlobInfo(blob.digest(), blob.count, diff.digest(), MEDIA_BY_COMPRESSION[compression])
 
 
 def export_layer(
     store, layer_id: str, out_path: str | os.PathLike | BinaryIO, *,
-    compression: str | None = "gzip",
+    compression: str | None = "gzip", progress: Progress | None = None,
 ) -> BlobInfo:  # fmt: skip
-    """Write a stored layer as a tar blob (gzip, zstd or uncompressed) to a path or file."""
+    """Write a stored layer as a tar blob (gzip, zstd or uncompressed) to a path or file.
+
+    `progress` is called with the bytes of file content written (they add up to the layer's
+    meta size)."""
     toc = store.load_toc(layer_id)
     opener = _store_opener(store)
     if isinstance(out_path, (str, os.PathLike)):
         with open(out_path, "wb") as f:
-            return write_blob(toc, f, opener, compression=compression)
-    return write_blob(toc, out_path, opener, compression=compression)
+            return write_blob(toc, f, opener, compression=compression, progress=progress)
+    return write_blob(toc, out_path, opener, compression=compression, progress=progress)
 
 
 def _store_opener(store) -> Opener:

@@ -434,22 +434,6 @@ def export_image(
     raise InvalidInput(f"unknown export format {fmt!r} (oci or docker-archive)")
 
 
-class _Counting:
-    """A file wrapper that reports bytes written to a progress callback."""
-
-    def __init__(self, f: BinaryIO, progress: Progress | None) -> None:
-        self.f, self.progress = f, progress
-
-    def write(self, data) -> int:
-        n = self.f.write(data)
-        if self.progress is not None:
-            self.progress(len(data))
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def _export_oci(store: Store, image: Image, ref: str, out: str, compression: str | None,
                 progress: Progress | None) -> str:  # fmt: skip
     layout, sep, ref_tag = out.rpartition(":")
@@ -468,8 +452,8 @@ def _export_oci(store: Store, image: Image, ref: str, out: str, compression: str
         tmp = blobs / f".tmp.{os.getpid()}.{os.urandom(4).hex()}"
         try:
             with open(tmp, "wb") as f:
-                info = layertar.export_layer(store, layer_id, _Counting(f, progress),  # type: ignore[arg-type]
-                                             compression=compression)  # fmt: skip
+                info = layertar.export_layer(store, layer_id, f, compression=compression,
+                                             progress=progress)  # fmt: skip
             os.replace(tmp, blobs / info.digest.partition(":")[2])
         finally:
             tmp.unlink(missing_ok=True)
@@ -520,8 +504,8 @@ def _export_docker(store: Store, image: Image, ref: str, out: str,
             for layer_id in image.layers:
                 blob = work / "layer.tar"
                 with open(blob, "wb") as f:
-                    info = layertar.export_layer(store, layer_id, _Counting(f, progress),  # type: ignore[arg-type]
-                                                 compression=None)  # fmt: skip
+                    info = layertar.export_layer(store, layer_id, f, compression=None,
+                                                 progress=progress)  # fmt: skip
                 hexid = info.diff_id.partition(":")[2]
                 _add(tar, f"{hexid}/", None)
                 _add(tar, f"{hexid}/VERSION", b"1.0")
