@@ -30,7 +30,8 @@ budget is refused from its header, before a byte of it is read.
 
 Export writes a deterministic tar: entries in tree order, PAX format, numeric owners, xattrs as
 SCHILY.xattr, hard links as link entries to the first name of their group, whiteouts as
-`.wh.` files and opaque directories as `.wh..wh..opq` right after the directory.
+`.wh.` files and opaque directories as `.wh..wh..opq` right after the directory. Sockets are
+left out (tar cannot carry them; docker skips them as well).
 """
 
 from __future__ import annotations
@@ -510,6 +511,8 @@ def tar_items(toc: Toc) -> list[tuple[str, Entry | None]]:
     """(tar name, entry) in export order; entry None for whiteout files (opaque included)."""
     items: list[tuple[tuple[str, ...], str, Entry | None]] = []
     for path, e in toc.entries.items():
+        if e.kind == SOCK:
+            continue  # tar has no sockets; docker skips them too (they are runtime objects)
         items.append((_tree_key(path), path, e))
     for path in toc.opaque:
         # "\0" sorts the marker right after its directory, before its children: an extractor
@@ -535,8 +538,6 @@ def _tarinfo(name: str, e: Entry | None) -> tarfile.TarInfo:
         info.mode = 0o644
         info.mtime = 0
         return info
-    if e.kind == SOCK:
-        raise InvalidInput(f"{e.path!r}: sockets cannot be stored in a tar layer")
     info = tarfile.TarInfo((name + "/") if e.kind == DIR and name else (name or "./"))
     info.type = _TAR_TYPES[e.kind]
     info.mode = e.mode

@@ -17,7 +17,7 @@ from typing import Any
 from cowfs import layertar, overlaydir
 from cowfs.errors import InvalidInput, NotFound
 from cowfs.store import Store, normalize_ref
-from cowfs.toc import REG
+from cowfs.toc import REG, SOCK
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -79,6 +79,8 @@ def import_dir_layer(store: Store, root: str | os.PathLike) -> str:
         first = sorted(toc.whiteouts)[0]
         raise InvalidInput(f"{root}/{first}: a 0/0 character device (overlay whiteout) in a rootfs")
     toc.opaque.clear()  # a bottom layer has nothing below it to hide
+    for path in [p for p, e in toc.entries.items() if e.kind == SOCK]:
+        del toc.entries[path]  # sockets belong to running programs, not to images (as docker)
     opener = layertar.host_opener(root)
     for e in toc:
         e.atime = e.ctime = e.mtime

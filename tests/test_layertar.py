@@ -305,3 +305,52 @@ def test_bad_compression_name(store: Store, tmp_path: Path) -> None:
     layer_id = import_bytes(store, tmp_path, tar_bytes((ti("a"), b"a")))
     with pytest.raises(InvalidInput, match="unknown compression"):
         layertar.export_layer(store, layer_id, tmp_path / "x", compression="lz4")
+
+
+def test_gnu_long_names_and_links(store: Store, tmp_path: Path) -> None:
+    need_tool("tar")
+    src = tmp_path / "src"
+    (src / LONG).parent.mkdir(parents=True)
+    (src / LONG).write_bytes(b"long\n")
+    os.link(src / LONG, src / LONG[:-1])  # a hard link with a long target name
+    os.symlink("t" * 300, src / "longlink")
+    blob = tmp_path / "gnu.tar"
+    gnu_tar(src, blob, "--format=gnu", xattrs=False)  # ././@LongLink entries
+    toc = store.load_toc(layertar.import_layer(store, blob))
+    assert toc.entries[LONG].link == toc.entries[LONG[:-1]].link == 1
+    assert toc.entries["longlink"].target == "t" * 300
+    out = tmp_path / "out.tar"
+    layertar.export_layer(store, toc.layer_id(), out, compression=None)
+    gnu_untar(out, tmp_path / "back")
+    assert listing(tmp_path / "back") == listing(src)
+
+
+def test_rootfs_dir_import(store: Store, tmp_path: Path) -> None:
+    import socket
+
+    from cowfs.rootfs import import_dir_layer
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d/a").write_bytes(b"a" * 1000)
+    os.link(src / "d/a", src / "b")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(src / "sock"))
+        layer_id = import_dir_layer(store, src)
+    finally:
+        sock.close()
+    toc = store.load_toc(layer_id)
+    assert set(toc.entries) == {"", "b", "d", "d/a"}  # the socket is left out
+    assert toc.entries["b"].link == toc.entries["d/a"].link == 1
+    assert toc.entries["b"].digest == toc.entries["d/a"].digest
+    # The diff_id it records is the sha256 of exactly the tar export_layer writes.
+    out = tmp_path / "out.tar"
+    info = layertar.export_layer(store, layer_id, out, compression=None)
+    assert store.layer_meta(layer_id).diff_id == info.diff_id
+    # Reading the files changes their atimes; the layer does not change with them.
+    os.utime(src / "d/a", (12345, os.stat(src / "d/a").st_mtime))
+    st = os.stat(src)
+    (src / "sock").unlink()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert import_dir_layer(store, src) == layer_id
