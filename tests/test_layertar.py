@@ -349,7 +349,7 @@ def test_rootfs_dir_import(store: Store, tmp_path: Path) -> None:
     info = layertar.export_layer(store, layer_id, out, compression=None)
     assert store.layer_meta(layer_id).diff_id == info.diff_id
     # Reading the files changes their atimes; the layer does not change with them.
-    os.utime(src / "d/a", (12345, os.stat(src / "d/a").st_mtime))
+    os.utime(src / "d/a", ns=(12345, os.stat(src / "d/a").st_mtime_ns))
     st = os.stat(src)
     (src / "sock").unlink()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
