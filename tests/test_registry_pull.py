@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from cowfs.errors import RegistryError
 from cowfs.registry.pull import ensure_image, pull
 from cowfs.store import Store
+from tests.conftest import need_fuse
 from tests.registry_fixtures import (
     Layer,
     OciImage,
@@ -162,3 +164,30 @@ def test_missing_tag_is_one_line_error(registry: Registry, tmp_path: Path) -> No
     assert proc.returncode == RegistryError.exit_code
     assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "MANIFEST_UNKNOWN" in proc.stderr or "NAME_UNKNOWN" in proc.stderr
+
+
+def test_pulled_image_mounts_with_right_content(registry: Registry, tmp_path: Path) -> None:
+    need_fuse()
+    mounting = pytest.importorskip("cowfs.mounting")  # the mount module of another engineer
+    img = two_layer_image()
+    skopeo_to_registry(img.write_layout(tmp_path / "layout"), registry, "app:v1")
+    store = Store(tmp_path / "store")
+    image_id = ensure_image(store, f"{registry.host}/app:v1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounting.mount(store, image_id, mnt, read_only=True)
+    try:
+        seen = {}
+        for dirpath, dirnames, filenames in os.walk(mnt):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                rel = str(p.relative_to(mnt))
+                if p.is_symlink():
+                    seen[rel] = ("sym", os.readlink(p))
+                elif p.is_dir():
+                    seen[rel] = None
+                else:
+                    seen[rel] = p.read_bytes()
+    finally:
+        mounting.umount(mnt)
+    assert seen == expected_tree()
