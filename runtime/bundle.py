@@ -30,7 +30,8 @@ def _user(spec: ContainerSpec) -> dict:
     return {"uid": uid, "gid": gid}
 
 
-def oci_config(spec: ContainerSpec, root: str, etc_dir: str) -> dict:
+def oci_config(spec: ContainerSpec, root: str, etc_dir: str, name: str = "cowfs") -> dict:
+    """`name` names the runtime's cgroup: relative, so runc puts it below its caller's own."""
     caps = ["CAP_" + c for c in capabilities.DEFAULT]
     mounts = list(_DEFAULT_MOUNTS)
     for name in rootfs.ETC_FILES:
@@ -65,6 +66,7 @@ def oci_config(spec: ContainerSpec, root: str, etc_dir: str) -> dict:
         "mounts": mounts,
         "linux": {
             "namespaces": namespaces,
+            "cgroupsPath": f"cowfs-bundle-{name}",
             "resources": resources,
             "maskedPaths": [f"/proc/{n}" for n in rootfs.MASKED_FILES + rootfs.MASKED_DIRS],
             "readonlyPaths": [f"/proc/{n}" for n in rootfs.READONLY_PROC],

@@ -546,6 +546,6 @@ class Runtime:
         directory.mkdir(parents=True, exist_ok=True)
         from cowfs.atomic import write_json_atomic
 
-        write_json_atomic(directory / "config.json", oci_config(state.spec, str(sd.rootfs),
-                                                                str(sd.etc)))
+        cfg = oci_config(state.spec, str(sd.rootfs), str(sd.etc), state.id[:12])
+        write_json_atomic(directory / "config.json", cfg)
         return directory / "config.json"
