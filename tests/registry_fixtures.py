@@ -15,12 +15,14 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import socket
 import ssl
 import subprocess
 import tarfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
@@ -77,7 +79,8 @@ def _bcrypt(password: str) -> str:
 
 
 @contextlib.contextmanager
-def run_registry(base: Path, *, tls: bool = False, htpasswd: bool = False) -> Iterator[Registry]:
+def run_registry(base: Path, *, tls: bool = False, htpasswd: bool = False,
+                 token: TokenService | None = None) -> Iterator[Registry]:  # fmt: skip
     need_tool(REGISTRY_BIN, "skopeo")
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -97,6 +100,9 @@ def run_registry(base: Path, *, tls: bool = False, htpasswd: bool = False) -> It
         reg.user, reg.password = "tester", "s3cret-pw"
         (base / "htpasswd").write_text(f"{reg.user}:{_bcrypt(reg.password)}\n")
         lines.append(f"auth: {{htpasswd: {{realm: cowfs-test, path: {base / 'htpasswd'}}}}}")
+    if token:
+        lines.append(f"auth: {{token: {{realm: '{token.realm}', service: {token.service}, "
+                     f"issuer: {token.issuer}, rootcertbundle: {token.cert}}}}}")  # fmt: skip
     (base / "config.yml").write_text("\n".join(lines) + "\n")
     log = open(base / "registry.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen([REGISTRY_BIN, "serve", str(base / "config.yml")],
@@ -129,6 +135,93 @@ def _wait_ready(proc: subprocess.Popen, reg: Registry, log: Path) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"docker-registry did not come up: {log.read_text()[-2000:]}")
+
+
+# -- a token service (Bearer auth) for docker-registry --------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class TokenService:
+    """Issues JWTs signed (RS256, by openssl) with a self-signed key the registry trusts. The user
+    `tester` with password `pw` gets what it asks for; anyone else gets no access at all."""
+
+    realm: str
+    cert: Path
+    key: Path
+    service: str = "cowfs-registry"
+    issuer: str = "cowfs-token-issuer"
+    log: list[tuple[str | None, list[str]]] = field(default_factory=list)  # (user, scopes)
+
+    def issue(self, user: str | None, scopes: list[str]) -> str:
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if user == "tester" and kind == "repository":
+                access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+                             check=True, capture_output=True).stdout  # fmt: skip
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+        now = int(time.time())
+        claims = {"iss": self.issuer, "sub": user or "", "aud": self.service, "iat": now,
+                  "nbf": now - 60, "exp": now + 600, "jti": os.urandom(8).hex(),
+                  "access": access}  # fmt: skip
+        signing_input = (_b64url(json.dumps(header).encode()) + "."
+                         + _b64url(json.dumps(claims).encode()))  # fmt: skip
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+                             input=signing_input.encode(), check=True,
+                             capture_output=True).stdout  # fmt: skip
+        return signing_input + "." + _b64url(sig)
+
+
+@contextlib.contextmanager
+def run_token_service(base: Path) -> Iterator[TokenService]:
+    base.mkdir(parents=True, exist_ok=True)
+    cert, key = _self_signed(base)
+    svc: TokenService
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            user = None
+            authz = self.headers.get("Authorization", "")
+            if authz.startswith("Basic "):
+                name, _, pw = base64.b64decode(authz[6:]).decode().partition(":")
+                if (name, pw) != ("tester", "pw"):
+                    self._answer(401, b'{"details": "bad credentials"}')
+                    return
+                user = name
+            scopes = [s for v in query.get("scope", []) for s in v.split(" ")]
+            svc.log.append((user, scopes))
+            self._answer(200, json.dumps({"token": svc.issue(user, scopes)}).encode())
+
+        def _answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    server.daemon_threads = True
+    svc = TokenService(f"http://127.0.0.1:{server.server_address[1]}/token", cert, key)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield svc
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 # -- images built by hand -----------------------------------------------------------------------

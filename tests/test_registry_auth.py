@@ -18,7 +18,14 @@ from cowfs.registry.pull import pull
 from cowfs.registry.push import push
 from cowfs.rootfs import import_rootfs
 from cowfs.store import Store
-from tests.registry_fixtures import Layer, OciImage, fake_registry, run_registry, sha
+from tests.registry_fixtures import (
+    Layer,
+    OciImage,
+    fake_registry,
+    run_registry,
+    run_token_service,
+    sha,
+)
 
 COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
 
@@ -195,3 +202,29 @@ def test_bearer_without_credentials(bearer_registry, tmp_path: Path, docker_conf
     with pytest.raises(AuthError, match="refused the credentials"):
         pull(store, f"{bearer_registry.host}/app:v1", authfile=str(cfg))
     assert store.tags() == {} and list(store.tmp.iterdir()) == []
+
+
+# -- Bearer tokens against the real registry (token auth, JWTs from a test token service) -------
+
+
+def test_bearer_with_real_registry(tmp_path: Path, docker_config: Path) -> None:
+    with (
+        run_token_service(tmp_path / "tokens") as tokens,
+        run_registry(tmp_path / "registry", token=tokens) as reg,
+    ):
+        store = Store(tmp_path / "store")
+        import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
+        with pytest.raises(AuthError, match="no credentials found"):
+            push(store, "src:v1", f"{reg.host}/app:v1")
+        docker_config.write_text(json.dumps({"auths": {reg.host: {"auth": b64("tester:pw")}}}))
+        push(store, "src:v1", f"{reg.host}/app:v1")
+        assert (None, ["repository:app:pull,push"]) in tokens.log  # the anonymous try
+        assert ("tester", ["repository:app:pull,push"]) in tokens.log
+        # A cross-repository mount needs pull on the source too: one token for both scopes.
+        res = push(store, "src:v1", f"{reg.host}/other:v1")
+        assert res.mounted == 1
+        assert ("tester", ["repository:app:pull", "repository:other:pull,push"]) in tokens.log
+        assert pull(Store(tmp_path / "fresh"), f"{reg.host}/other:v1").downloaded == 1
+        docker_config.write_text(json.dumps({"auths": {reg.host: {"auth": b64("tester:bad")}}}))
+        with pytest.raises(AuthError, match="refused the credentials"):
+            pull(Store(tmp_path / "fresh2"), f"{reg.host}/other:v1")
