@@ -60,11 +60,27 @@ class Registry:
 def _self_signed(dir: Path) -> tuple[Path, Path]:
     cert, key = dir / "cert.pem", dir / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -79,8 +95,9 @@ def _bcrypt(password: str) -> str:
 
 
 @contextlib.contextmanager
-def run_registry(base: Path, *, tls: bool = False, htpasswd: bool = False,
-                 token: TokenService | None = None) -> Iterator[Registry]:  # fmt: skip
+def run_registry(
+    base: Path, *, tls: bool = False, htpasswd: bool = False, token: TokenService | None = None
+) -> Iterator[Registry]:
     need_tool(REGISTRY_BIN, "skopeo")
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -101,12 +118,15 @@ def run_registry(base: Path, *, tls: bool = False, htpasswd: bool = False,
         (base / "htpasswd").write_text(f"{reg.user}:{_bcrypt(reg.password)}\n")
         lines.append(f"auth: {{htpasswd: {{realm: cowfs-test, path: {base / 'htpasswd'}}}}}")
     if token:
-        lines.append(f"auth: {{token: {{realm: '{token.realm}', service: {token.service}, "
-                     f"issuer: {token.issuer}, rootcertbundle: {token.cert}}}}}")  # fmt: skip
+        lines.append(
+            f"auth: {{token: {{realm: '{token.realm}', service: {token.service}, "
+            f"issuer: {token.issuer}, rootcertbundle: {token.cert}}}}}"
+        )
     (base / "config.yml").write_text("\n".join(lines) + "\n")
     log = open(base / "registry.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([REGISTRY_BIN, "serve", str(base / "config.yml")],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [REGISTRY_BIN, "serve", str(base / "config.yml")], stdout=log, stderr=subprocess.STDOUT
+    )
     reg.pid = proc.pid
     try:
         _wait_ready(proc, reg, base / "registry.log")
@@ -163,18 +183,32 @@ class TokenService:
             name, _, actions = rest.rpartition(":")
             if user == "tester" and kind == "repository":
                 access.append({"type": kind, "name": name, "actions": actions.split(",")})
-        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
-                             check=True, capture_output=True).stdout  # fmt: skip
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+            check=True,
+            capture_output=True,
+        ).stdout
         header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
         now = int(time.time())
-        claims = {"iss": self.issuer, "sub": user or "", "aud": self.service, "iat": now,
-                  "nbf": now - 60, "exp": now + 600, "jti": os.urandom(8).hex(),
-                  "access": access}  # fmt: skip
-        signing_input = (_b64url(json.dumps(header).encode()) + "."
-                         + _b64url(json.dumps(claims).encode()))  # fmt: skip
-        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)],
-                             input=signing_input.encode(), check=True,
-                             capture_output=True).stdout  # fmt: skip
+        claims = {
+            "iss": self.issuer,
+            "sub": user or "",
+            "aud": self.service,
+            "iat": now,
+            "nbf": now - 60,
+            "exp": now + 600,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
+        signing_input = (
+            _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        )
+        sig = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(),
+            check=True,
+            capture_output=True,
+        ).stdout
         return signing_input + "." + _b64url(sig)
 
 
@@ -291,11 +325,16 @@ class OciImage:
         man = {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": sha(self.config), "size": len(self.config)},
-            "layers": [{"mediaType": la.media_type, "digest": sha(la.blob), "size": len(la.blob)}
-                       for la in self.layers],
-        }  # fmt: skip
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": sha(self.config),
+                "size": len(self.config),
+            },
+            "layers": [
+                {"mediaType": la.media_type, "digest": sha(la.blob), "size": len(la.blob)}
+                for la in self.layers
+            ],
+        }
         self.manifest = json.dumps(man).encode()
         return self
 
@@ -306,17 +345,28 @@ class OciImage:
         for data in [self.config, self.manifest, *(la.blob for la in self.layers)]:
             (blobs / sha(data)[7:]).write_bytes(data)
         (dir / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-        index = {"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": sha(self.manifest), "size": len(self.manifest),
-            "annotations": {"org.opencontainers.image.ref.name": tag}}]}  # fmt: skip
+        index = {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": sha(self.manifest),
+                    "size": len(self.manifest),
+                    "annotations": {"org.opencontainers.image.ref.name": tag},
+                }
+            ],
+        }
         (dir / "index.json").write_text(json.dumps(index))
         return dir
 
 
 def skopeo_copy(src: str, dest: str, *extra: str) -> None:
-    subprocess.run(["skopeo", "copy", "--quiet", *extra, src, dest], check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", *extra, src, dest],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def skopeo_to_registry(layout: Path, reg: Registry, name: str, tag: str = "latest") -> None:
@@ -340,8 +390,11 @@ class FakeRegistry:
 
     def serve_image(self, repo: str, tag: str, img: OciImage) -> None:
         ctype = "application/vnd.oci.image.manifest.v1+json"
-        self.routes[("GET", f"/v2/{repo}/manifests/{tag}")] = (200, {"Content-Type": ctype},
-                                                               img.manifest)  # fmt: skip
+        self.routes[("GET", f"/v2/{repo}/manifests/{tag}")] = (
+            200,
+            {"Content-Type": ctype},
+            img.manifest,
+        )
         self.routes[("GET", f"/v2/{repo}/blobs/{sha(img.config)}")] = (200, {}, img.config)
         for la in img.layers:
             self.routes[("GET", f"/v2/{repo}/blobs/{sha(la.blob)}")] = (200, {}, la.blob)

@@ -47,12 +47,18 @@ def docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_lookup_forms(docker_config: Path) -> None:
-    docker_config.write_text(json.dumps({"auths": {
-        "https://index.docker.io/v1/": {"auth": b64("hubuser:hubpw")},
-        "http://myreg.example:5000/v2/": {"username": "u", "password": "p"},
-        "tok.example": {"identitytoken": "refresh-me"},
-        "empty.example": {},
-    }}))  # fmt: skip
+    docker_config.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": b64("hubuser:hubpw")},
+                    "http://myreg.example:5000/v2/": {"username": "u", "password": "p"},
+                    "tok.example": {"identitytoken": "refresh-me"},
+                    "empty.example": {},
+                }
+            }
+        )
+    )
     assert auth.lookup("docker.io") == auth.Credentials("hubuser", "hubpw")
     assert auth.lookup("myreg.example:5000") == auth.Credentials("u", "p")
     assert auth.lookup("tok.example") == auth.Credentials(identity_token="refresh-me")
@@ -89,8 +95,11 @@ def test_parse_challenge() -> None:
         'Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull,push"'
     )
     assert scheme == "bearer"
-    assert params == {"realm": "https://auth.example/token", "service": "reg",
-                      "scope": "repository:a/b:pull,push"}  # fmt: skip
+    assert params == {
+        "realm": "https://auth.example/token",
+        "service": "reg",
+        "scope": "repository:a/b:pull,push",
+    }
     assert auth.parse_challenge('Basic realm="x y"') == ("basic", {"realm": "x y"})
 
 
@@ -115,8 +124,11 @@ def test_basic_auth_with_real_registry(tmp_path: Path, docker_config: Path) -> N
 
         # The CLI says it in one line, with a non-zero exit.
         docker_config.unlink()
-        proc = subprocess.run([*COWFS, "--root", str(tmp_path / "cli"), "pull",
-                               f"{reg.host}/app:v1"], capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [*COWFS, "--root", str(tmp_path / "cli"), "pull", f"{reg.host}/app:v1"],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == AuthError.exit_code
         assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert "authentication required" in proc.stderr

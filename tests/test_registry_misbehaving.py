@@ -27,8 +27,9 @@ def fake() -> Iterator[FakeRegistry]:
 
 
 def image() -> OciImage:
-    return OciImage([Layer({"a": b"first layer\n" * 100}),
-                     Layer({"b": b"second layer\n" * 100})]).build()  # fmt: skip
+    return OciImage(
+        [Layer({"a": b"first layer\n" * 100}), Layer({"b": b"second layer\n" * 100})]
+    ).build()
 
 
 def state(store: Store) -> tuple:
@@ -58,8 +59,14 @@ def manifest_with(img: OciImage, **changes) -> bytes:
     return json.dumps(doc).encode()
 
 
-def pull_fails(fake: FakeRegistry, store: Store, exc: type[CowfsError], match: str,
-               ref: str = "app:v1", img: OciImage | None = None) -> CowfsError:  # fmt: skip
+def pull_fails(
+    fake: FakeRegistry,
+    store: Store,
+    exc: type[CowfsError],
+    match: str,
+    ref: str = "app:v1",
+    img: OciImage | None = None,
+) -> CowfsError:
     before, layers_before = state(store), store.layers()
     with pytest.raises(exc, match=match) as info:
         pull(store, f"{fake.host}/{ref}")
@@ -99,8 +106,9 @@ def test_missing_blob_and_manifest(fake: FakeRegistry, tmp_path: Path) -> None:
     pull_fails(fake, store, RegistryError, "manifest app:v2: HTTP 404", ref="app:v2")
 
 
-def test_unauthorized_without_credentials(fake: FakeRegistry, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_unauthorized_without_credentials(
+    fake: FakeRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "none"))
     monkeypatch.setenv("HOME", str(tmp_path / "none"))
     fake.routes[("GET", "/v2/")] = (401, {"WWW-Authenticate": 'Basic realm="x"'}, b"")
@@ -129,7 +137,10 @@ def test_manifest_lying_about_sizes(fake: FakeRegistry, tmp_path: Path) -> None:
     fake.routes[("GET", f"/v2/app/blobs/{sha(blob)}")] = (200, no_length, blob)
     pull_fails(fake, store, DigestMismatch, f"larger than the {real - 10} bytes", img=img)
     fake.routes[("GET", "/v2/app/manifests/v1")] = (
-        200, {"Content-Type": mf.OCI_MANIFEST}, manifest_with(img, config_size=3))  # fmt: skip
+        200,
+        {"Content-Type": mf.OCI_MANIFEST},
+        manifest_with(img, config_size=3),
+    )
     pull_fails(fake, store, DigestMismatch, "the manifest says 3")
 
 
@@ -138,10 +149,14 @@ def test_manifest_digest_checked(fake: FakeRegistry, tmp_path: Path) -> None:
     fake.serve_image("app", "v1", img)
     other = "sha256:" + "1" * 64
     fake.routes[("GET", f"/v2/app/manifests/{other}")] = (
-        200, {"Content-Type": mf.OCI_MANIFEST}, img.manifest)  # fmt: skip
+        200,
+        {"Content-Type": mf.OCI_MANIFEST},
+        img.manifest,
+    )
     store = Store(tmp_path / "s")
-    pull_fails(fake, store, DigestMismatch, "manifest sha256:111111111111 has digest",
-               ref=f"app@{other}")  # fmt: skip
+    pull_fails(
+        fake, store, DigestMismatch, "manifest sha256:111111111111 has digest", ref=f"app@{other}"
+    )
     headers = {"Content-Type": mf.OCI_MANIFEST, "Docker-Content-Digest": other}
     fake.routes[("GET", "/v2/app/manifests/v1")] = (200, headers, img.manifest)
     pull_fails(fake, store, DigestMismatch, "differs from the registry's")
@@ -169,15 +184,20 @@ def test_garbage_layer_with_right_digest(fake: FakeRegistry, tmp_path: Path) -> 
 
 def test_schema1_and_unknown_media_types(fake: FakeRegistry, tmp_path: Path) -> None:
     fake.routes[("GET", "/v2/app/manifests/v1")] = (
-        200, {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"},
-        b'{"schemaVersion": 1}')  # fmt: skip
+        200,
+        {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"},
+        b'{"schemaVersion": 1}',
+    )
     store = Store(tmp_path / "s")
     pull_fails(fake, store, RegistryError, "schema 1 manifests are not supported")
     img = image()
     doc = json.loads(img.manifest)
     doc["layers"][0]["mediaType"] = "application/x-mystery"
     fake.routes[("GET", "/v2/app/manifests/v1")] = (
-        200, {"Content-Type": mf.OCI_MANIFEST}, json.dumps(doc).encode())  # fmt: skip
+        200,
+        {"Content-Type": mf.OCI_MANIFEST},
+        json.dumps(doc).encode(),
+    )
     pull_fails(fake, store, RegistryError, "unsupported type application/x-mystery")
 
 
@@ -207,7 +227,10 @@ def test_cli_error_is_one_line(fake: FakeRegistry, tmp_path: Path) -> None:
     fake.serve_image("app", "v1", img)
     blob = img.layers[0].blob
     fake.routes[("GET", f"/v2/app/blobs/{sha(blob)}")] = (200, {}, blob[::-1])
-    proc = subprocess.run([*COWFS, "--root", str(tmp_path / "s"), "pull", f"{fake.host}/app:v1"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [*COWFS, "--root", str(tmp_path / "s"), "pull", f"{fake.host}/app:v1"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == DigestMismatch.exit_code
     assert proc.stderr.startswith("Error: blob sha256:") and proc.stderr.count("\n") == 1

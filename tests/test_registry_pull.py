@@ -26,10 +26,20 @@ from tests.registry_fixtures import (
 )
 
 COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
-FILES_A = {"etc": None, "etc/hostname": b"cowfs\n", "bin": None, "bin/tool": b"\x7fELF" * 500,
-           "lib": None, "lib/link": ("sym", "../bin/tool")}  # fmt: skip
-FILES_B = {"etc": None, "etc/hostname": b"changed\n", "etc/.wh.gone": b"",
-           "data.bin": bytes(range(256)) * 64}  # fmt: skip
+FILES_A = {
+    "etc": None,
+    "etc/hostname": b"cowfs\n",
+    "bin": None,
+    "bin/tool": b"\x7fELF" * 500,
+    "lib": None,
+    "lib/link": ("sym", "../bin/tool"),
+}
+FILES_B = {
+    "etc": None,
+    "etc/hostname": b"changed\n",
+    "etc/.wh.gone": b"",
+    "data.bin": bytes(range(256)) * 64,
+}
 
 
 @pytest.fixture
@@ -39,8 +49,12 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 
 
 def remote_digest(reg: Registry, name: str) -> str:
-    out = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{reg.host}/{name}"],
-                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{reg.host}/{name}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out)["Digest"]
 
 
@@ -129,12 +143,19 @@ def test_index_picks_platform(registry: Registry, tmp_path: Path) -> None:
     arm_dir = arm.write_layout(tmp_path / "arm")
     for blob in (arm_dir / "blobs" / "sha256").iterdir():
         (layout / "blobs" / "sha256" / blob.name).write_bytes(blob.read_bytes())
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-             "manifests": [
-                 {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                  "digest": "sha256:" + hashlib.sha256(m.manifest).hexdigest(),
-                  "size": len(m.manifest), "platform": {"os": "linux", "architecture": a}}
-                 for m, a in ((arm, "arm64"), (amd, "amd64"))]}  # fmt: skip
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": "sha256:" + hashlib.sha256(m.manifest).hexdigest(),
+                "size": len(m.manifest),
+                "platform": {"os": "linux", "architecture": a},
+            }
+            for m, a in ((arm, "arm64"), (amd, "amd64"))
+        ],
+    }
     index_bytes = json.dumps(index).encode()
     idx_digest = hashlib.sha256(index_bytes).hexdigest()
     (layout / "blobs" / "sha256" / idx_digest).write_bytes(index_bytes)
@@ -145,8 +166,9 @@ def test_index_picks_platform(registry: Registry, tmp_path: Path) -> None:
         "annotations": {"org.opencontainers.image.ref.name": "m"},
     }
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
-    skopeo_copy(f"oci:{layout}:m", f"docker://{registry.host}/multi:m", "--all",
-                "--dest-tls-verify=false")  # fmt: skip
+    skopeo_copy(
+        f"oci:{layout}:m", f"docker://{registry.host}/multi:m", "--all", "--dest-tls-verify=false"
+    )
     store = Store(tmp_path / "store")
     res = pull(store, f"{registry.host}/multi:m")
     assert tree(store, res.image_id) == {"arch": b"amd64\n"}
@@ -158,9 +180,10 @@ def test_index_picks_platform(registry: Registry, tmp_path: Path) -> None:
 
 def test_missing_tag_is_one_line_error(registry: Registry, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [*COWFS, "--root", str(tmp_path / "store"), "pull",
-         f"{registry.host}/nothere:v9"], capture_output=True, text=True,
-    )  # fmt: skip
+        [*COWFS, "--root", str(tmp_path / "store"), "pull", f"{registry.host}/nothere:v9"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == RegistryError.exit_code
     assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "MANIFEST_UNKNOWN" in proc.stderr or "NAME_UNKNOWN" in proc.stderr

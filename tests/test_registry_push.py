@@ -6,19 +6,22 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cowfs.errors import InvalidInput
+from cowfs.errors import AuthError, InvalidInput, RegistryError
 from cowfs.registry import manifest as mf
 from cowfs.registry.pull import pull
 from cowfs.registry.push import push
 from cowfs.rootfs import import_rootfs
 from cowfs.store import Store
 from tests.conftest import need_root, need_tool
-from tests.registry_fixtures import Registry, run_registry, skopeo_copy
+from tests.registry_fixtures import Registry, fake_registry, run_registry, skopeo_copy
+
+COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
 
 
 @pytest.fixture
@@ -61,8 +64,9 @@ def listing(root: Path) -> dict[str, tuple]:
 
 def skopeo_inspect(reg: Registry, name: str, raw: bool = False) -> dict:
     args = ["skopeo", "inspect", "--tls-verify=false", *(["--raw"] if raw else [])]
-    out = subprocess.run([*args, f"docker://{reg.host}/{name}"], check=True, capture_output=True,
-                         text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [*args, f"docker://{reg.host}/{name}"], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out)
 
 
@@ -70,11 +74,15 @@ def unpack_with_umoci(reg: Registry, name: str, tmp: Path, *copy_args: str) -> P
     need_root()  # umoci unpack keeps owners only as root
     need_tool("umoci")
     layout = tmp / "back"
-    skopeo_copy(f"docker://{reg.host}/{name}", f"oci:{layout}:back", "--src-tls-verify=false",
-                *copy_args)  # fmt: skip
+    skopeo_copy(
+        f"docker://{reg.host}/{name}", f"oci:{layout}:back", "--src-tls-verify=false", *copy_args
+    )
     bundle = tmp / "bundle"
-    subprocess.run(["umoci", "unpack", "--image", f"{layout}:back", str(bundle)], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{layout}:back", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
     return bundle / "rootfs"
 
 
@@ -95,8 +103,9 @@ def test_push_round_trips_through_skopeo_and_umoci(
         assert raw["mediaType"] == mf.OCI_MANIFEST
         assert raw["layers"][0]["mediaType"] == mf.OCI_LAYER_ZSTD
         # umoci 0.4.7 reads no zstd: skopeo recompresses on the way back, checking our blob.
-        rootfs = unpack_with_umoci(registry, "app:v1", tmp_path, "--dest-compress-format=gzip",
-                                   "--dest-compress")  # fmt: skip
+        rootfs = unpack_with_umoci(
+            registry, "app:v1", tmp_path, "--dest-compress-format=gzip", "--dest-compress"
+        )
     else:
         assert raw["mediaType"] == mf.DOCKER_MANIFEST
         assert raw["layers"][0]["mediaType"] == mf.DOCKER_LAYER_GZIP
@@ -148,3 +157,63 @@ def test_push_refuses_digest_reference(registry: Registry, tmp_path: Path) -> No
     import_rootfs(store, make_tree(tmp_path / "src"), "src:v1")
     with pytest.raises(InvalidInput, match="give a tag"):
         push(store, "src:v1", f"{registry.host}/a@sha256:" + "0" * 64)
+
+
+def test_cli_push_and_pull(registry: Registry, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    root = tmp_path / "store"
+    import_rootfs(Store(root), src, "src:v1")
+    push_cmd = [
+        *COWFS,
+        "--root",
+        str(root),
+        "push",
+        "src:v1",
+        f"{registry.host}/cli:v1",
+        "--compression",
+        "gzip",
+        "--chunk-size",
+        "64k",
+    ]
+    proc = subprocess.run(push_cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    digest = proc.stdout.strip()
+    assert digest == skopeo_inspect(registry, "cli:v1")["Digest"]
+    assert "1 uploaded" in proc.stderr
+    fresh = tmp_path / "fresh"
+    proc = subprocess.run(
+        [*COWFS, "--root", str(fresh), "pull", f"{registry.host}/cli:v1"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Store(fresh).resolve(f"{registry.host}/cli:v1").id == proc.stdout.strip()
+    bad = subprocess.run(
+        [*COWFS, "--root", str(root), "push", "src:v1", "x", "--chunk-size", "lots"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "not a size" in bad.stderr
+
+
+def test_failed_upload_leaves_no_staging(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    import_rootfs(store, make_tree(tmp_path / "src"), "src:v1")
+    with fake_registry() as fake:
+        fake.routes[("POST", "/v2/app/blobs/uploads/")] = (
+            403,
+            {},
+            b'{"errors":[{"code":"DENIED","message":"requested access is denied"}]}',
+        )
+        with pytest.raises(AuthError, match="access denied.*DENIED"):
+            push(store, "src:v1", f"{fake.host}/app:v1")
+        fake.routes[("POST", "/v2/app/blobs/uploads/")] = (
+            202,
+            {"Location": "/v2/app/blobs/uploads/u1"},
+            b"",
+        )
+        fake.routes[("PUT", "/v2/app/blobs/uploads/u1")] = (500, {}, b"disk full")
+        with pytest.raises(RegistryError, match="HTTP 500.*disk full"):
+            push(store, "src:v1", f"{fake.host}/app:v1")
+        assert not [m for m, p, _ in fake.log if "/manifests/" in p]  # no tag for a partial image
+    assert list(store.tmp.iterdir()) == []

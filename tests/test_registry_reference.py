@@ -22,15 +22,21 @@ D = "sha256:" + "a" * 64
         ("docker.io/library/alpine:3", Reference("docker.io", "library/alpine", "3"), "alpine:3"),
         ("index.docker.io/x/y", Reference("docker.io", "x/y", "latest"), "x/y:latest"),
         ("localhost/app", Reference("localhost", "app", "latest"), "localhost/app:latest"),
-        ("localhost:5000/a/b/c:v1", Reference("localhost:5000", "a/b/c", "v1"),
-         "localhost:5000/a/b/c:v1"),
+        (
+            "localhost:5000/a/b/c:v1",
+            Reference("localhost:5000", "a/b/c", "v1"),
+            "localhost:5000/a/b/c:v1",
+        ),
         ("ghcr.io/org/img@" + D, Reference("ghcr.io", "org/img", None, D), None),
-        ("127.0.0.1:5000/app:v1@" + D, Reference("127.0.0.1:5000", "app", "v1", D),
-         "127.0.0.1:5000/app:v1"),
+        (
+            "127.0.0.1:5000/app:v1@" + D,
+            Reference("127.0.0.1:5000", "app", "v1", D),
+            "127.0.0.1:5000/app:v1",
+        ),
         ("[::1]:5000/app", Reference("[::1]:5000", "app", "latest"), "[::1]:5000/app:latest"),
         ("a__b/c-d.e_f", Reference("docker.io", "a__b/c-d.e_f", "latest"), "a__b/c-d.e_f:latest"),
     ],
-)  # fmt: skip
+)
 def test_parse(text: str, want: Reference, local_tag: str | None) -> None:
     got = parse(text)
     assert got == want
@@ -39,9 +45,22 @@ def test_parse(text: str, want: Reference, local_tag: str | None) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", " busybox", "Busybox", "a//b", "app:", "app:-x", "app@sha256:abc", "app@md5:" + "a" * 32,
-     "-app", "app-", "a...b", "host:port/app", "x" * 256],
-)  # fmt: skip
+    [
+        "",
+        " busybox",
+        "Busybox",
+        "a//b",
+        "app:",
+        "app:-x",
+        "app@sha256:abc",
+        "app@md5:" + "a" * 32,
+        "-app",
+        "app-",
+        "a...b",
+        "host:port/app",
+        "x" * 256,
+    ],
+)
 def test_parse_refuses(text: str) -> None:
     with pytest.raises(InvalidInput, match="invalid image reference"):
         parse(text)
@@ -65,8 +84,13 @@ def _desc(media: str = mf.OCI_LAYER_GZIP, size: int = 10, **extra: object) -> di
 
 
 def _manifest(**over: object) -> bytes:
-    doc = {"schemaVersion": 2, "mediaType": mf.OCI_MANIFEST,
-           "config": _desc(mf.OCI_CONFIG), "layers": [_desc()], **over}  # fmt: skip
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mf.OCI_MANIFEST,
+        "config": _desc(mf.OCI_CONFIG),
+        "layers": [_desc()],
+        **over,
+    }
     return json.dumps(doc).encode()
 
 
@@ -88,11 +112,13 @@ def test_manifest_parse_media_type_from_header_or_body() -> None:
         (_manifest(layers=[_desc(size="10")]), "size '10'"),
         (_manifest(layers=[{**_desc(), "digest": "sha256:xyz"}]), "sha256 expected"),
         (_manifest(layers="nope"), "'layers' is not a list"),
-        (_manifest(layers=[_desc("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip")]),
-         "non-distributable"),
+        (
+            _manifest(layers=[_desc("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip")]),
+            "non-distributable",
+        ),
         (_manifest(mediaType="application/x-other"), "unsupported manifest media type"),
     ],
-)  # fmt: skip
+)
 def test_manifest_parse_refuses(body: bytes, match: str) -> None:
     with pytest.raises(RegistryError, match=match):
         mf.parse(body, None)
@@ -117,9 +143,19 @@ def test_select_platform() -> None:
             "platform": p,
         }
 
-    index = mf.parse(json.dumps({"manifests": [
-        entry("unknown", os="unknown"), entry("arm", "v6"), entry("arm", "v7"), entry("amd64"),
-    ]}).encode(), mf.OCI_INDEX)  # fmt: skip
+    index = mf.parse(
+        json.dumps(
+            {
+                "manifests": [
+                    entry("unknown", os="unknown"),
+                    entry("arm", "v6"),
+                    entry("arm", "v7"),
+                    entry("amd64"),
+                ]
+            }
+        ).encode(),
+        mf.OCI_INDEX,
+    )
     assert isinstance(index, mf.Index)
     assert mf.select_platform(index, mf.Platform()).platform == mf.Platform("linux", "amd64")
     assert mf.select_platform(index, mf.Platform.parse("linux/arm/v7")).platform.variant == "v7"
