@@ -51,7 +51,7 @@ stress: setup
 	@$(BIN)/pytest -q -m slow tests
 
 bench: setup
-	@$(BIN)/cowfs bench --out benchmarks/results
+	@$(BIN)/cowfs bench --out benchmarks/results --report benchmarks/RESULTS.md
 
 lint: venv
 	@$(BIN)/ruff check cowfs runtime benchmarks tests

@@ -452,7 +452,7 @@ def _oci_layout(oci: Path, layers: list[Path]) -> list[dict[str, object]]:
         descs.append(desc)
         tars.append(
             {
-                "path": str(blobs / digest),
+                "path": str((blobs / digest).relative_to(oci.parent)),
                 "size": size,
                 "uncompressed": raw,
                 "digest": desc["digest"],

@@ -8,13 +8,13 @@ import subprocess
 from pathlib import Path
 
 
-def _first_line(cmd: list[str]) -> str:
+def _first_line(cmd: list[str], containing: str = "") -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "not installed"
-    text = (out.stdout or out.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
+    lines = [ln for ln in (out.stdout or out.stderr).strip().splitlines() if containing in ln]
+    return lines[0] if lines else "unknown"
 
 
 def _cpu_model() -> str:
@@ -71,7 +71,7 @@ def describe(data_dir: Path) -> dict[str, object]:
         "python": platform.python_version(),
         "data_filesystem": filesystem_of(data_dir),
         "tools": {
-            "fuse-overlayfs": _first_line(["fuse-overlayfs", "--version"]),
+            "fuse-overlayfs": _first_line(["fuse-overlayfs", "--version"], "fuse-overlayfs"),
             "libfuse (fusermount3)": _first_line(["fusermount3", "--version"]),
             "runc": _first_line(["runc", "--version"]),
             "fio": _first_line(["fio", "--version"]),

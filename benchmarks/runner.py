@@ -1,0 +1,198 @@
+"""Run the selected workloads on every available system, interleaved run by run.
+
+Run r goes through every workload, and within a workload through every system, in an order that
+rotates with r, so slow drifts of the machine (other users of the 2 cores, the disk's own caches)
+spread over all systems instead of landing on one. A failing sample is recorded with its error and
+the suite goes on; every mount a sample made is released before the next one starts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks import dataset as _dataset
+from benchmarks import machine
+from benchmarks.profile import Profile
+from benchmarks.systems import System, mount_options, mounted, release
+from benchmarks.workloads import Context, Workload
+from cowfs.errors import CowfsError
+
+Log = Callable[[str], None]
+SCHEMA = "cowfs-bench/1"
+
+
+def run_suite(
+    *,
+    profile: Profile,
+    systems: list[System],
+    workloads: list[Workload],
+    runs: int,
+    out: Path,
+    data_dir: Path,
+    command: str,
+    log: Log,
+) -> dict:
+    """Build or load the data, measure everything, and return the results document (JSON-able)."""
+    started = time.time()
+    ds = _dataset.load_or_build(data_dir, profile, log)
+    work = out / "work"
+    _clean_work(work)
+    work.mkdir(parents=True)
+    ctx = Context(ds=ds, profile=profile, work=work)
+
+    sys_info: list[dict] = []
+    live: list[System] = []
+    for s in systems:
+        why = s.unavailable()
+        if why is None:
+            try:
+                s.prepare(ds, data_dir, log)
+            except (CowfsError, OSError) as exc:
+                why = f"set-up failed: {exc}"
+        entry = {"name": s.name, "label": s.label, "kind": s.kind, "setup": s.describe()}
+        if why is None:
+            try:  # one trial mount: a system that cannot mount at all is reported once
+                entry["mount_options"] = _probe_options(s, ctx)
+                live.append(s)
+            except (CowfsError, OSError) as exc:
+                why = f"trial mount failed: {exc}"
+        entry["available"] = why is None
+        if why:
+            entry["reason"] = why
+            log(f"skipping {s.name}: {why}")
+        sys_info.append(entry)
+
+    metrics: dict[str, dict] = {}
+    order: list[str] = []
+    for w in workloads:
+        for m in w.metrics(profile):
+            order.append(m.key)
+            metrics[m.key] = {
+                "metric": m.key,
+                "workload": w.name,
+                "title": m.title,
+                "cache": m.cache,
+                "unit": "s",
+                "samples": {},
+                "errors": {},
+                "notes": {},
+            }
+
+    once: dict[str, object] = {}
+    try:
+        for r in range(runs):
+            for wi, w in enumerate(workloads):
+                eligible = [s for s in live if w.applies_to(s)]
+                if not eligible:
+                    continue
+                k = (r + wi) % len(eligible)
+                for s in eligible[k:] + eligible[:k]:
+                    _one_sample(ctx, w, s, r, metrics, log)
+        for w in workloads:
+            if w.once:
+                log(f"{w.name}: measuring once")
+                try:
+                    once[w.name] = w.measure_once(ctx)
+                except (CowfsError, OSError, subprocess.SubprocessError) as exc:
+                    once[w.name] = {"error": str(exc)}
+                    log(f"{w.name}: ERROR {exc}")
+    finally:
+        _clean_work(work)
+
+    for key in order:
+        _summarize(metrics[key])
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "profile": profile.as_dict(),
+        "runs": runs,
+        "duration_s": round(time.time() - started, 1),
+        "machine": machine.describe(data_dir),
+        "dataset": ds.summary(),
+        "systems": sys_info,
+        "results": [metrics[k] for k in order],
+        **once,
+    }
+
+
+def _one_sample(ctx: Context, w: Workload, s: System, r: int, metrics: dict, log: Log) -> None:
+    run_dir = ctx.work / f"{w.name}.{s.name}.{r}"
+    try:
+        sample = w.measure(ctx, s, run_dir)
+    except (CowfsError, OSError, subprocess.SubprocessError) as exc:
+        msg = str(exc.args[0]) if isinstance(exc, CowfsError) else f"{type(exc).__name__}: {exc}"
+        for m in w.metrics(ctx.profile):
+            metrics[m.key]["errors"].setdefault(s.name, []).append(msg)
+        log(f"run {r + 1} {w.name:22} {s.name:15} ERROR {msg}")
+        return
+    finally:
+        _remove_run_dir(run_dir)
+    for key, seconds in sample.values.items():
+        metrics[key]["samples"].setdefault(s.name, []).append(round(seconds, 6))
+        if sample.notes:
+            metrics[key]["notes"].setdefault(s.name, []).append(sample.notes)
+        log(f"run {r + 1} {key:22} {s.name:15} {seconds:9.3f} s")
+
+
+def _summarize(entry: dict) -> None:
+    for field in ("median", "min", "max"):
+        entry[field] = {}
+    for name, xs in entry["samples"].items():
+        entry["median"][name] = round(statistics.median(xs), 6)
+        entry["min"][name] = min(xs)
+        entry["max"][name] = max(xs)
+
+
+def _probe_options(s: System, ctx: Context) -> str:
+    """Mount once and read back the options the kernel shows for it."""
+    run_dir = ctx.work / f"probe.{s.name}"
+    try:
+        view = s.mount(ctx.ds, run_dir)
+        try:
+            os.listdir(view.path)
+            if view.path == ctx.ds.tree:
+                fs = machine.filesystem_of(view.path)
+                return f"{fs['fstype']} {fs['options']}"
+            return mount_options(view.path)
+        finally:
+            release(view)
+    finally:
+        _remove_run_dir(run_dir)
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """Delete a sample's upper/work dirs, never through a mount that is somehow still live."""
+    mnt = run_dir / "mnt"
+    if mounted(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    if mounted(mnt):
+        raise CowfsError(f"{mnt} is still mounted; not deleting {run_dir}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _clean_work(work: Path) -> None:
+    """Release anything an interrupted earlier run left under the work dir, then remove it."""
+    if not work.exists():
+        return
+    base = str(work.resolve())
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4].replace("\\040", " ") for line in f]
+    for mnt in sorted(mounts, key=len, reverse=True):
+        if mnt.startswith(base + "/"):
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+    with open("/proc/self/mountinfo") as f:
+        if any(line.split()[4].startswith(base + "/") for line in f):
+            raise CowfsError(f"mounts remain under {work}; unmount them first")
+    shutil.rmtree(work)
+
+
+def default_data_dir(out: Path) -> Path:
+    return Path(os.environ.get("COWFS_BENCH_DATA", out / "data"))
