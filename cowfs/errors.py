@@ -80,3 +80,7 @@ class RegistryError(CowfsError):
 
 class AuthError(RegistryError):
     errno = _errno.EACCES
+
+
+class TransferError(RegistryError):
+    """A transfer that broke off (connection lost, body cut short, HTTP 5xx): worth a retry."""
