@@ -8,8 +8,8 @@ Options, and why:
 - long entry/attr/negative timeouts: lower layers are immutable and every change goes through
   this mount (DESIGN decision 2), so the kernel may cache names and attributes;
 - keep_cache per open file of the lower (its content cannot change), not for upper files;
-- hard_remove: an unlinked open file is served from its handle (libfuse then gives no path),
-  never renamed to .fuse_hidden;
+- no hard_remove: libfuse keeps an unlinked open file reachable (fstat, fchmod) under a
+  .fuse_hidden name, which unionfs serves from the open handle without showing it anywhere;
 - readdirplus with full attributes: a stat-walk costs one request per directory, not per file;
 - default_permissions (the kernel checks modes as for any filesystem), allow_other as root.
 """
@@ -20,6 +20,8 @@ import ctypes
 import errno
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +68,7 @@ class _CowfsFUSE(mfusepy.FUSE):
 
     def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         if buf:
-            a, m = buf[0], buf[1]
+            a, m = buf.contents.actime, buf.contents.modtime
             times = ((a.tv_sec, a.tv_nsec), (m.tv_sec, m.tv_nsec))
         else:
             now = (0, (1 << 30) - 1)  # UTIME_NOW for both
@@ -129,13 +131,15 @@ class Operations(mfusepy.Operations):
         self.fs = fs
         self.writeback = writeback
         self.on_ready = on_ready
+        self._queue: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
 
     def init_with_config(self, conn: Any, config: Any) -> None:
+        self._start_invalidator()
         if config is not None:
             config.use_ino = 1
             config.readdir_ino = 0
             config.nullpath_ok = 0
-            config.hard_remove = 1
+            config.hard_remove = 0  # see unionfs: hidden names of unlinked open files
             config.kernel_cache = 0
             config.entry_timeout = CACHE_TIMEOUT
             config.attr_timeout = CACHE_TIMEOUT
@@ -147,7 +151,28 @@ class Operations(mfusepy.Operations):
             self.on_ready()
 
     def destroy(self, path: str) -> None:
+        self._queue.put(None)
         self.fs.close()
+
+    def _start_invalidator(self) -> None:
+        """Invalidate kernel caches of other names of a changed hard-linked file.
+
+        libfuse's path API gives every name its own kernel inode, so after a change through one
+        name the others' cached pages and attributes are stale. The notifications are sent from
+        a thread of their own: sent from the loop they could wait on a page lock held by a read
+        that only this same loop can answer.
+        """
+        lib = mfusepy._libfuse
+        lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        fuse_ptr = ctypes.c_void_p(lib.fuse_get_context().contents.fuse)
+
+        def run() -> None:
+            while (paths := self._queue.get()) is not None:
+                for p in paths:
+                    lib.fuse_invalidate_path(fuse_ptr, os.fsencode("/" + p))
+
+        threading.Thread(target=run, name="cowfs-invalidate", daemon=True).start()
+        self.fs.notify = self._queue.put
 
     @staticmethod
     def _owner() -> Owner:
@@ -286,6 +311,11 @@ def serve(
     }
     if allow_other:
         options["allow_other"] = True
+    if os.geteuid() == 0:
+        # An image's device nodes and setuid programs work, as on overlayfs (libfuse would
+        # add nodev,nosuid): the mount is a container's root filesystem.
+        options["dev"] = True
+        options["suid"] = True
     if read_only:
         options["ro"] = True
     if debug:

@@ -55,6 +55,7 @@ UPPER_INO_BASE = 1 << 32
 NAME_MAX = 255
 _COPY_CHUNK = 1 << 20
 _WORK_PREFIX = "#cowfs-"
+HIDDEN_PREFIX = ".fuse_hidden"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 _IFMT_KIND = {
     stat.S_IFREG: REG, stat.S_IFDIR: DIR, stat.S_IFLNK: SYMLINK, stat.S_IFCHR: CHR,
@@ -152,6 +153,8 @@ class Handle:
     entry: Entry | None = None  # lower metadata, for fstat of a lower handle
     nlink: int = 1
     keep_cache: bool = False
+    path: str | None = None  # the name it was opened by, to find its other names
+    host_ino: int | None = None  # set when the upper file has several names
 
 
 @dataclass(slots=True)
@@ -225,8 +228,15 @@ class UnionFS:
         self._opaque: set[str] = set()
         self._ino: dict[str, int] = {}
         self._listing: dict[str, list[tuple[str, bool]]] = {}
+        # Upper files with several names: host inode -> names, and back. The kernel caches
+        # each name as its own inode (libfuse's path API), so a change through one name must
+        # invalidate what it caches for the others (`notify`).
+        self._links: dict[int, set[str]] = {}
+        self._link_of: dict[str, int] = {}
+        self.notify: Callable[[list[str]], None] | None = None
         self._hiders = 0  # upper entries that can hide lower ones: fast path when 0
         self._handles: dict[int, Handle] = {}
+        self._detached: dict[str, list[int]] = {}  # hidden name -> open handles
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
         if self.upper is not None:
@@ -265,6 +275,8 @@ class UnionFS:
                 path = f"{d}/{name}" if d else name
                 kind = self._kind_of_stat(st)
                 self._record(path, kind)
+                if st.st_nlink > 1 and kind not in (DIR, WHITEOUT):
+                    self._add_links([path], st.st_ino)
                 if kind == DIR:
                     if self._has_opaque_xattr(path):
                         self._opaque.add(path)
@@ -309,6 +321,7 @@ class UnionFS:
         if old != DIR:
             self._hiders -= 1
         self._ino.pop(path, None)
+        self._drop_link(path)
         if old == DIR:
             if path in self._opaque:
                 self._opaque.discard(path)
@@ -318,7 +331,9 @@ class UnionFS:
                 self._forget(prefix + name)
             self._listing.clear()
         parent, name = _parent_name(path)
-        self._kids[parent].discard(name)
+        siblings = self._kids.get(parent)
+        if siblings is not None:  # None while a whole subtree is being forgotten
+            siblings.discard(name)
         self._listing.pop(parent, None)
 
     def _set_opaque(self, path: str) -> None:
@@ -326,6 +341,38 @@ class UnionFS:
             self._opaque.add(path)
             self._hiders += 1
         self._listing.pop(path, None)
+
+    def _add_links(self, paths: Sequence[str], host_ino: int) -> None:
+        names = self._links.setdefault(host_ino, set())
+        for p in paths:
+            names.add(p)
+            self._link_of[p] = host_ino
+
+    def _drop_link(self, path: str) -> None:
+        host_ino = self._link_of.pop(path, None)
+        if host_ino is not None:
+            names = self._links.get(host_ino, set())
+            names.discard(path)
+            if len(names) < 2:  # a single name needs no bookkeeping
+                for p in names:
+                    self._link_of.pop(p, None)
+                self._links.pop(host_ino, None)
+
+    def _others(self, path: str | None, host_ino: int | None = None) -> list[str]:
+        """The other names of the file at `path` (upper or lower hard links)."""
+        if host_ino is None and path is not None:
+            host_ino = self._link_of.get(path)
+        if host_ino is not None:
+            return sorted(p for p in self._links.get(host_ino, ()) if p != path)
+        if path is not None and path not in self._up and path in self.idx.entries:
+            group = self.idx.aliases.get(self.idx.ino[path], ())
+            return [p for p in group if p != path and p not in self._up and not self._hidden(p)]
+        return []
+
+    def _changed(self, paths: list[str]) -> None:
+        """Tell the kernel that what it caches for `paths` is stale."""
+        if paths and self.notify is not None:
+            self.notify(paths)
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -437,6 +484,8 @@ class UnionFS:
 
     @_locked
     def getattr(self, path: str) -> dict[str, int]:
+        if path in self._detached:
+            return self.fgetattr(self._detached[path][0])
         in_upper, kind = self._need(path)
         if not in_upper:
             e = self.idx.entries[path]
@@ -558,13 +607,17 @@ class UnionFS:
             nlink = self._lower_nlink(path, ino)
             # Lower content never changes under a handle; a hard-linked one may be copied up
             # through another alias, so only single-link files keep their cache across opens.
-            h = Handle(ino, reader=reader, entry=e, nlink=nlink, keep_cache=nlink == 1)
+            h = Handle(ino, reader=reader, entry=e, nlink=nlink, keep_cache=nlink == 1,
+                       path=path)  # fmt: skip
             return self._add_handle(h), h.keep_cache
         if not in_upper:
             self._copy_up(path, data=not flags & os.O_TRUNC)
         assert self.upper is not None
         fd = self.upper.open(path, self._host_flags(flags))
-        return self._add_handle(Handle(self._ino_of(path, True), fd=fd)), False
+        h = Handle(self._ino_of(path, True), fd=fd, path=path, host_ino=self._link_of.get(path))
+        if flags & os.O_TRUNC:
+            self._changed(self._others(path))
+        return self._add_handle(h), False
 
     @_locked
     def create(self, path: str, mode: int, flags: int, owner: Owner) -> int:
@@ -607,7 +660,10 @@ class UnionFS:
         h = self._handle(fh)
         if h.fd < 0:
             raise err(errno.EBADF)
-        return os.pwrite(h.fd, data, offset)
+        n = os.pwrite(h.fd, data, offset)
+        if h.host_ino is not None:
+            self._changed(self._others(h.path, h.host_ino))
+        return n
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
@@ -625,10 +681,37 @@ class UnionFS:
             finally:
                 os.close(fd)
 
+    @_locked
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
             self._close_handle(h)
+            if h.path is not None and h.path in self._detached:
+                fhs = self._detached[h.path]
+                fhs.remove(fh)
+                if not fhs:
+                    del self._detached[h.path]
+
+    # libfuse's path API keeps an unlinked open file reachable for fstat and friends by renaming
+    # it to a hidden name (and unlinking that name after the last release). The union unlinks
+    # the file at once and serves the hidden name from the open handles: nothing shows up in
+    # readdir or in the upper.
+
+    def _detach(self, old: str, hidden: str) -> bool:
+        fhs = [fh for fh, h in self._handles.items() if h.path == old]
+        if not fhs:
+            return False
+        self.unlink(old)
+        for fh in fhs:
+            self._handles[fh].path = hidden
+        self._detached[hidden] = fhs
+        return True
+
+    def _detached_fh(self, path: str | None, fh: int | None) -> tuple[str | None, int | None]:
+        """(path, fh) with a detached hidden name turned into its open handle."""
+        if path is not None and path in self._detached:
+            return None, self._detached[path][0]
+        return path, fh
 
     # -- changing metadata ----------------------------------------------------------------------
 
@@ -644,10 +727,12 @@ class UnionFS:
 
     @_locked
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+        path, fh = self._detached_fh(path, fh)
         if fh is not None:
             h = self._handle(fh)
             if h.fd >= 0:
                 os.ftruncate(h.fd, length)
+                self._changed(self._others(h.path, h.host_ino))
                 return
         assert path is not None
         self._to_upper(path, data=length > 0)
@@ -657,6 +742,7 @@ class UnionFS:
             os.ftruncate(fd, length)
         finally:
             os.close(fd)
+        self._changed(self._others(path))
 
     def _open_fd(self, fh: int | None) -> int:
         """The host fd of an open upper file, for calls that come without a path."""
@@ -667,27 +753,32 @@ class UnionFS:
 
     @_locked
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> None:
+        path, fh = self._detached_fh(path, fh)
         if path is None:
             os.fchmod(self._open_fd(fh), stat.S_IMODE(mode))
             return
         self._to_upper(path)
         assert self.upper is not None
         self.upper.chmod(path, stat.S_IMODE(mode))
+        self._changed(self._others(path))
 
     @_locked
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> None:
         """uid or gid -1 leaves that one unchanged."""
+        path, fh = self._detached_fh(path, fh)
         if path is None:
             os.fchown(self._open_fd(fh), uid, gid)
             return
         self._to_upper(path)
         assert self.upper is not None
         self.upper.lchown(path, uid, gid)
+        self._changed(self._others(path))
 
     @_locked
     def utimens(self, path: str | None, atime: tuple[int, int], mtime: tuple[int, int],
                 fh: int | None = None) -> None:  # fmt: skip
         """Times as (seconds, nanoseconds), each possibly UTIME_NOW or UTIME_OMIT."""
+        path, fh = self._detached_fh(path, fh)
         if path is None:
             fd = self._open_fd(fh)
             lstat: Callable[[], os.stat_result] = lambda: os.fstat(fd)  # noqa: E731
@@ -711,6 +802,7 @@ class UnionFS:
             os.utime(fd, ns=(ns[0], ns[1]))
         else:
             self.upper.utime(path, (ns[0], ns[1]))
+            self._changed(self._others(path))
 
     @_locked
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
@@ -719,6 +811,7 @@ class UnionFS:
         self._to_upper(path)
         assert self.upper is not None
         self.upper.setxattr(path, name, value, flags)
+        self._changed(self._others(path))
 
     @_locked
     def removexattr(self, path: str, name: str) -> None:
@@ -728,6 +821,7 @@ class UnionFS:
         self._to_upper(path)
         assert self.upper is not None
         self.upper.removexattr(path, name)
+        self._changed(self._others(path))
 
     # -- creating and removing names ------------------------------------------------------------
 
@@ -821,6 +915,8 @@ class UnionFS:
         assert self.upper is not None
         self._place(path, lambda d, rel: link(self.upper, existing, d, rel), kind)
         self._ino.pop(path, None)
+        self._add_links([existing, path], self.upper.lstat(path).st_ino)
+        self._changed(self._others(path))  # their st_nlink went up
 
     def _lower_below(self, path: str) -> bool:
         """Whether the lower has an entry at `path` that the upper must keep hiding."""
@@ -829,11 +925,14 @@ class UnionFS:
     @_locked
     def unlink(self, path: str) -> None:
         self._writable()
+        if path in self._detached:
+            return  # already gone from the tree: the handles keep the file
         in_upper, kind = self._need(path)
         if kind == DIR:
             raise err(errno.EISDIR, path)
         parent, _ = _parent_name(path)
         self._copy_up_dir(parent)
+        others = self._others(path)
         assert self.upper is not None and self.work is not None
         if self._lower_below(path):
             if in_upper:
@@ -847,6 +946,7 @@ class UnionFS:
         else:
             self.upper.unlink(path)
             self._forget(path)
+        self._changed(others)  # their st_nlink went down
 
     @_locked
     def rmdir(self, path: str) -> None:
@@ -894,6 +994,8 @@ class UnionFS:
         self._writable()
         if flags & ~RENAME_NOREPLACE:
             raise err(errno.EINVAL)  # RENAME_EXCHANGE / RENAME_WHITEOUT are not offered
+        if _parent_name(new)[1].startswith(HIDDEN_PREFIX) and self._detach(old, new):
+            return
         _, kind = self._need(old)
         _check_name(new)
         self._need_dir(_parent_name(new)[0])
@@ -944,18 +1046,21 @@ class UnionFS:
         return ia == self._ino_of(b, nb[0]) and (na[0] == nb[0])
 
     def _move_mirror(self, old: str, new: str) -> None:
-        kind = self._up[old]
+        """Move the mirror's record of `old` (and its subtree) to `new`."""
         moved: list[tuple[str, str, bool, int | None]] = []
+        groups: dict[int, set[str]] = {}
         stack = [old]
         while stack:
             p = stack.pop()
             k = self._up[p]
-            moved.append((p[len(old):], k, p in self._opaque, self._ino.get(p)))
+            moved.append((p[len(old) :], k, p in self._opaque, self._ino.get(p)))
+            host_ino = self._link_of.get(p)
+            if host_ino is not None:
+                groups[host_ino] = set(self._links[host_ino])
             if k == DIR:
                 stack.extend(f"{p}/{n}" for n in self._kids.get(p, ()))
         self._forget(old)
         self._forget(new)
-        del kind
         for suffix, k, opaque, ino in sorted(moved, key=lambda m: m[0].count("/")):
             p = new + suffix
             self._record(p, k)
@@ -963,6 +1068,13 @@ class UnionFS:
                 self._set_opaque(p)
             if ino is not None:
                 self._ino[p] = ino
+        for h in self._handles.values():
+            if h.path is not None and (h.path == old or h.path.startswith(old + "/")):
+                h.path = new + h.path[len(old) :]
+        for host_ino, names in groups.items():
+            renamed = {new + p[len(old) :] if p == old or p.startswith(old + "/") else p
+                       for p in names}  # fmt: skip
+            self._add_links(sorted(renamed), host_ino)
         self._listing.clear()
 
     # -- copy-up --------------------------------------------------------------------------------
@@ -1005,9 +1117,15 @@ class UnionFS:
                 link(self.work, tmp, self.work, extra)
                 tmps.append(extra)
             for p, t in zip(aliases, tmps, strict=True):
+                parent = _parent_name(p)[0]
+                # Copy-up is not a change of the parent: keep its times, as overlayfs does.
+                pst = self.upper.lstat(parent)
                 move(self.work, t, self.upper, p)
+                self.upper.utime(parent, (pst.st_atime_ns, pst.st_mtime_ns))
                 self._record(p, e.kind)
                 self._ino[p] = ino
+            if len(aliases) > 1:
+                self._add_links(aliases, self.upper.lstat(path).st_ino)
         except BaseException:
             for t in tmps:
                 self._remove_work_tree(t)

@@ -1,0 +1,556 @@
+"""The union filesystem's semantics, one test per item of DESIGN.md, through real FUSE mounts.
+
+Lowers are plain directories in kernel-overlayfs format (DESIGN decision 6), so every test sees
+exactly what it built. The `union` fixture always unmounts, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cowfs import mounting
+from tests.conftest import need_fuse, need_tool
+
+OPAQUE = "trusted.overlay.opaque"
+
+
+@dataclass
+class Union:
+    base: Path
+    lowers: list[Path]  # top first, like lowerdir=
+    upper: Path
+    work: Path
+    mnt: Path
+
+    def m(self, rel: str) -> str:
+        return str(self.mnt / rel)
+
+    def u(self, rel: str) -> str:
+        return str(self.upper / rel)
+
+    def mount(self, *, read_only: bool = False) -> None:
+        mounting.mount_dirs([str(d) for d in self.lowers], self.mnt,
+                           None if read_only else self.upper,
+                           None if read_only else self.work)  # fmt: skip
+
+    def umount(self) -> None:
+        if mounting.is_mounted(self.mnt):
+            mounting.umount(self.mnt)
+
+    def remount(self) -> None:
+        self.umount()
+        self.mount()
+
+
+def _build_lowers(base: Path) -> list[Path]:
+    """bottom l1 and top l2; l2 holds a whiteout and an opaque dir, overlayfs style."""
+    l1, l2 = base / "l1", base / "l2"
+    for p in ("d/sub", "gone", "opq", "empty-ish", "big"):
+        (l1 / p).mkdir(parents=True)
+    (l1 / "d/a").write_text("lower a\n")
+    (l1 / "d/sub/deep").write_text("deep\n")
+    (l1 / "gone/x").write_text("x")
+    (l1 / "opq/hidden").write_text("hidden")
+    (l1 / "empty-ish/w1").write_text("1")
+    (l1 / "ro").write_text("read only\n")
+    os.chmod(l1 / "ro", 0o444)
+    (l1 / "none").write_text("no perms\n")
+    os.chmod(l1 / "none", 0o000)
+    (l1 / "h1").write_text("linked\n")
+    os.link(l1 / "h1", l1 / "d/h2")
+    os.symlink("d/a", l1 / "sym")
+    os.setxattr(l1 / "d/a", "user.color", b"blue")
+    os.setxattr(l1 / "d/a", "trusted.t", b"tv")
+    os.chown(l1 / "d/a", 1234, 5678)
+    os.utime(l1 / "d/a", ns=(1_000_000_000_123, 2_000_000_000_456))
+    with open(l1 / "big/sparse", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(32 << 20)
+        f.write(b"middle")
+    os.mkfifo(l1 / "fifo")
+    os.mknod(l1 / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    l2.mkdir()
+    (l2 / "d").mkdir()
+    (l2 / "d/b").write_text("upper b\n")
+    (l2 / "opq").mkdir()
+    os.setxattr(l2 / "opq", OPAQUE, b"y")
+    (l2 / "opq/visible").write_text("v")
+    os.mknod(l2 / "gone", stat.S_IFCHR, 0)  # whiteout of l1's gone/
+    (l2 / "empty-ish").mkdir()
+    os.mknod(l2 / "empty-ish/w1", stat.S_IFCHR, 0)
+    return [l2, l1]
+
+
+@pytest.fixture
+def union(tmp_path: Path) -> Iterator[Union]:
+    need_fuse()
+    base = tmp_path / "u"
+    base.mkdir()
+    u = Union(base, _build_lowers(base), base / "upper", base / "work", base / "mnt")
+    for p in (u.upper, u.work, u.mnt):
+        p.mkdir()
+    u.mount()
+    try:
+        yield u
+    finally:
+        if mounting.is_mounted(u.mnt):
+            try:
+                mounting.umount(u.mnt)
+            except Exception:
+                mounting.umount(u.mnt, lazy=True)
+
+
+def read(path: str) -> str:
+    return Path(path).read_text()
+
+
+def is_whiteout(path: str) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def lower_untouched(u: Union) -> None:
+    assert (u.lowers[1] / "d/a").read_text() == "lower a\n"
+    assert (u.lowers[1] / "h1").read_text() == "linked\n"
+
+
+# -- lookup and readdir ---------------------------------------------------------------------------
+
+
+def test_merged_readdir_applies_whiteouts_and_opaque_dirs(union: Union) -> None:
+    assert sorted(os.listdir(union.m(""))) == [
+        "big", "d", "empty-ish", "fifo", "h1", "none", "null", "opq", "ro", "sym",
+    ]  # fmt: skip
+    assert sorted(os.listdir(union.m("d"))) == ["a", "b", "h2", "sub"]
+    assert os.listdir(union.m("opq")) == ["visible"]
+    assert os.listdir(union.m("empty-ish")) == []
+    assert not os.path.exists(union.m("gone"))
+
+
+def test_readdir_is_deterministic_with_dot_entries_and_d_ino(union: Union) -> None:
+    first = os.listdir(union.m("d"))
+    union.remount()
+    assert os.listdir(union.m("d")) == first == sorted(first)
+    out = subprocess.run(["ls", "-a", "-1", "-f", union.m("d")], capture_output=True, text=True)
+    assert out.stdout.split()[:2] == [".", ".."]
+    with os.scandir(union.m("d")) as it:
+        for e in it:
+            assert e.inode() == os.lstat(e.path).st_ino
+
+
+# -- copy-up --------------------------------------------------------------------------------------
+
+
+def test_copy_up_on_write_keeps_metadata_and_leaves_lower_alone(union: Union) -> None:
+    before = os.lstat(union.m("d/a"))
+    with open(union.m("d/a"), "a") as f:
+        f.write("more\n")
+    assert read(union.m("d/a")) == "lower a\nmore\n"
+    up = os.lstat(union.u("d/a"))
+    assert (up.st_uid, up.st_gid, stat.S_IMODE(up.st_mode)) == (1234, 5678, 0o644)
+    assert os.getxattr(union.u("d/a"), "user.color") == b"blue"
+    assert os.getxattr(union.u("d/a"), "trusted.t") == b"tv"
+    assert os.lstat(union.m("d/a")).st_ino == before.st_ino
+    lower_untouched(union)
+
+
+@pytest.mark.parametrize("change", ["truncate", "chmod", "chown", "utime", "setxattr",
+                                    "removexattr", "link"])  # fmt: skip
+def test_every_kind_of_change_copies_up(union: Union, change: str) -> None:
+    path = union.m("d/a")
+    if change == "truncate":
+        os.truncate(path, 3)
+    elif change == "chmod":
+        os.chmod(path, 0o600)
+    elif change == "chown":
+        os.chown(path, 42, 43)
+    elif change == "utime":
+        os.utime(path, ns=(5, 6_000_000_007))
+    elif change == "setxattr":
+        os.setxattr(path, "user.new", b"1")
+    elif change == "removexattr":
+        os.removexattr(path, "user.color")
+    elif change == "link":
+        os.link(path, union.m("d/a-link"))
+    assert os.path.isfile(union.u("d/a")) and not is_whiteout(union.u("d/a"))
+    st = os.lstat(union.u("d/a"))
+    if change == "truncate":
+        assert read(path) == "low"
+    if change == "chmod":
+        assert stat.S_IMODE(st.st_mode) == 0o600
+    if change == "chown":
+        assert (st.st_uid, st.st_gid) == (42, 43)
+    if change == "utime":
+        assert st.st_mtime_ns == 6_000_000_007
+    elif change != "truncate":
+        assert st.st_mtime_ns == 2_000_000_000_456  # times survive the copy
+    if change == "link":
+        assert os.path.samefile(union.u("d/a"), union.u("d/a-link"))
+        assert os.lstat(path).st_nlink == 2
+    lower_untouched(union)
+
+
+def test_copy_up_keeps_sparse_holes_and_copies_parents_first(union: Union) -> None:
+    lower_dir = os.lstat(union.lowers[1] / "big")
+    with open(union.m("big/sparse"), "r+b") as f:
+        f.seek(0)
+        f.write(b"head")
+    st = os.lstat(union.u("big/sparse"))
+    assert st.st_size == 64 << 20
+    assert st.st_blocks * 512 < 1 << 20  # holes kept: nowhere near 64 MiB allocated
+    with open(union.m("big/sparse"), "rb") as f:
+        f.seek(32 << 20)
+        assert f.read(6) == b"middle"
+    up_dir = os.lstat(union.u("big"))
+    assert up_dir.st_mtime_ns == lower_dir.st_mtime_ns
+    assert stat.S_IMODE(up_dir.st_mode) == stat.S_IMODE(lower_dir.st_mode)
+
+
+def test_copy_up_of_0444_and_0000_files(union: Union) -> None:
+    with open(union.m("ro"), "a") as f:
+        f.write("root may\n")
+    with open(union.m("none"), "a") as f:
+        f.write("root may\n")
+    assert stat.S_IMODE(os.lstat(union.m("none")).st_mode) == 0
+    assert read(union.u("none")) == "no perms\nroot may\n"
+    assert stat.S_IMODE(os.lstat(union.u("ro")).st_mode) == 0o444
+
+
+def test_no_leftovers_in_the_work_dir(union: Union) -> None:
+    for name in ("d/a", "ro", "d/sub/deep"):
+        with open(union.m(name), "a") as f:
+            f.write("x")
+    os.rename(union.m("d"), union.m("d2"))
+    assert os.listdir(union.work) == []
+
+
+# -- whiteouts and opaque dirs --------------------------------------------------------------------
+
+
+def test_unlink_and_rmdir_of_lower_entries_leave_whiteouts(union: Union) -> None:
+    os.unlink(union.m("d/a"))
+    os.unlink(union.m("d/sub/deep"))
+    os.rmdir(union.m("d/sub"))
+    assert sorted(os.listdir(union.m("d"))) == ["b", "h2"]
+    assert is_whiteout(union.u("d/a")) and is_whiteout(union.u("d/sub"))
+    union.remount()
+    assert sorted(os.listdir(union.m("d"))) == ["b", "h2"]
+
+
+def test_unlink_of_a_copied_up_file_replaces_it_by_a_whiteout(union: Union) -> None:
+    with open(union.m("d/a"), "a") as f:
+        f.write("x")
+    os.unlink(union.m("d/a"))
+    assert is_whiteout(union.u("d/a"))
+    assert not os.path.exists(union.m("d/a"))
+
+
+def test_mkdir_over_a_whiteout_is_opaque(union: Union) -> None:
+    shutil.rmtree(union.m("d"))
+    os.mkdir(union.m("d"))
+    assert os.listdir(union.m("d")) == []
+    assert os.getxattr(union.u("d"), OPAQUE) == b"y"
+    assert OPAQUE not in os.listxattr(union.m("d"))
+    union.remount()
+    assert os.listdir(union.m("d")) == []
+
+
+def test_rmdir_of_a_dir_that_only_looks_empty(union: Union) -> None:
+    os.rmdir(union.m("empty-ish"))  # its only lower child is whited out in l2
+    assert not os.path.exists(union.m("empty-ish"))
+    assert is_whiteout(union.u("empty-ish"))
+    os.mkdir(union.m("d/new"))
+    (Path(union.m("d/new/f"))).write_text("1")
+    os.unlink(union.m("d/new/f"))
+    os.rmdir(union.m("d/new"))
+    assert not os.path.lexists(union.u("d/new"))
+
+
+def test_rmdir_of_a_non_empty_merged_dir_fails(union: Union) -> None:
+    with pytest.raises(OSError) as exc:
+        os.rmdir(union.m("d"))
+    assert exc.value.errno == errno.ENOTEMPTY
+
+
+# -- rename ---------------------------------------------------------------------------------------
+
+
+def test_rename_lower_file_and_merged_dir_without_exdev(union: Union) -> None:
+    os.rename(union.m("d/a"), union.m("a-moved"))
+    assert read(union.m("a-moved")) == "lower a\n"
+    assert not os.path.exists(union.m("d/a")) and is_whiteout(union.u("d/a"))
+    os.rename(union.m("d"), union.m("d-moved"))  # merged: parts in l1, l2 and the upper
+    assert sorted(os.listdir(union.m("d-moved"))) == ["b", "h2", "sub"]
+    assert read(union.m("d-moved/sub/deep")) == "deep\n"
+    assert not os.path.exists(union.m("d"))
+    union.remount()
+    assert sorted(os.listdir(union.m("d-moved"))) == ["b", "h2", "sub"]
+    assert not os.path.exists(union.m("d"))
+    lower_untouched(union)
+
+
+def test_rename_a_dir_onto_a_lower_dir_name_hides_the_old_content(union: Union) -> None:
+    os.mkdir(union.m("newdir"))
+    (Path(union.m("newdir/only"))).write_text("1")
+    shutil.rmtree(union.m("opq"))
+    os.rename(union.m("newdir"), union.m("opq"))
+    assert os.listdir(union.m("opq")) == ["only"]
+    union.remount()
+    assert os.listdir(union.m("opq")) == ["only"]
+
+
+def test_rename_follows_posix_rules(union: Union) -> None:
+    def code(a: str, b: str) -> int:
+        try:
+            os.rename(union.m(a), union.m(b))
+        except OSError as exc:
+            return exc.errno
+        return 0
+
+    assert code("d/a", "d/sub") == errno.EISDIR
+    assert code("d/sub", "d/a") == errno.ENOTDIR
+    assert code("big", "d") == errno.ENOTEMPTY
+    assert code("d", "d/sub/inside") == errno.EINVAL
+    assert code("nothing", "x") == errno.ENOENT
+    assert code("d/a", "d/a") == 0
+    assert code("h1", "d/h2") == 0  # two links of one file: nothing happens
+    assert os.path.exists(union.m("h1")) and os.path.exists(union.m("d/h2"))
+    os.mkdir(union.m("emptydir"))
+    assert code("big", "emptydir") == 0
+    assert os.path.isfile(union.m("emptydir/sparse"))
+    assert code("d/a", "ro") == 0
+    assert read(union.m("ro")) == "lower a\n"
+
+
+# -- hard links and inode numbers -----------------------------------------------------------------
+
+
+def test_lower_hard_links_are_one_inode_and_stay_linked_after_copy_up(union: Union) -> None:
+    a, b = os.lstat(union.m("h1")), os.lstat(union.m("d/h2"))
+    assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+    with open(union.m("h1"), "a") as f:
+        f.write("changed\n")
+    assert read(union.m("d/h2")) == "linked\nchanged\n"
+    assert os.path.samefile(union.u("h1"), union.u("d/h2"))
+    assert os.lstat(union.m("d/h2")).st_ino == a.st_ino
+    os.link(union.m("d/h2"), union.m("h3"))
+    assert os.lstat(union.m("h1")).st_nlink == 3
+    os.unlink(union.m("h3"))
+    os.unlink(union.m("d/h2"))
+    assert os.lstat(union.m("h1")).st_nlink == 1
+
+
+def test_unlinking_one_lower_alias_updates_nlink(union: Union) -> None:
+    os.unlink(union.m("d/h2"))
+    assert os.lstat(union.m("h1")).st_nlink == 1
+
+
+def test_directory_nlink(union: Union) -> None:
+    assert os.lstat(union.m("d")).st_nlink == 3  # ., .. and sub
+    os.mkdir(union.m("d/more"))
+    assert os.lstat(union.m("d")).st_nlink == 4
+    os.rmdir(union.m("d/sub")) if False else shutil.rmtree(union.m("d/sub"))
+    assert os.lstat(union.m("d")).st_nlink == 3
+
+
+def test_st_ino_is_stable_across_copy_up_and_remount(union: Union) -> None:
+    names = ["d", "d/a", "d/b", "sym", "h1", "d/sub/deep"]
+    before = {n: os.lstat(union.m(n)).st_ino for n in names}
+    with open(union.m("d/sub/deep"), "a") as f:
+        f.write("x")
+    os.chmod(union.m("sym"), 0o755)  # follows the link: copies up d/a
+    (Path(union.m("fresh"))).write_text("new")
+    fresh = os.lstat(union.m("fresh")).st_ino
+    assert {n: os.lstat(union.m(n)).st_ino for n in names} == before
+    union.remount()
+    assert {n: os.lstat(union.m(n)).st_ino for n in names} == before
+    assert os.lstat(union.m("fresh")).st_ino == fresh
+
+
+# -- special files and xattrs ---------------------------------------------------------------------
+
+
+def test_symlinks_fifos_sockets_and_devices(union: Union) -> None:
+    assert os.readlink(union.m("sym")) == "d/a"
+    assert read(union.m("sym")) == "lower a\n"
+    assert stat.S_ISFIFO(os.lstat(union.m("fifo")).st_mode)
+    assert os.lstat(union.m("null")).st_rdev == os.makedev(1, 3)
+    os.symlink("../target", union.m("d/newlink"))
+    assert os.readlink(union.m("d/newlink")) == "../target"
+    os.mkfifo(union.m("d/newfifo"))
+    os.mknod(union.m("d/blk"), stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    assert os.lstat(union.m("d/blk")).st_rdev == os.makedev(7, 0)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(union.m("d/sock"))
+        assert stat.S_ISSOCK(os.lstat(union.m("d/sock")).st_mode)
+    finally:
+        sock.close()
+    with open(union.m("null"), "w") as f:  # a device node is the device, not a file
+        f.write("discarded")
+    assert stat.S_ISFIFO(os.lstat(union.u("d/newfifo")).st_mode)
+    union.remount()
+    assert os.readlink(union.m("d/newlink")) == "../target"
+
+
+def test_xattrs_in_every_namespace(union: Union) -> None:
+    assert os.getxattr(union.m("d/a"), "user.color") == b"blue"
+    assert set(os.listxattr(union.m("d/a"))) == {"user.color", "trusted.t"}
+    for name in ("user.k", "trusted.k", "security.k"):
+        os.setxattr(union.m("d/b"), name, b"v-" + name.encode())
+        assert os.getxattr(union.m("d/b"), name) == b"v-" + name.encode()
+    os.removexattr(union.m("d/b"), "user.k")
+    with pytest.raises(OSError) as exc:
+        os.getxattr(union.m("d/b"), "user.k")
+    assert exc.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as exc:
+        os.setxattr(union.m("d/b"), OPAQUE, b"y")
+    assert exc.value.errno == errno.EPERM
+
+
+# -- open files, sync, statfs, mmap ---------------------------------------------------------------
+
+
+def test_open_then_unlinked_files_keep_working(union: Union) -> None:
+    with open(union.m("d/a"), "r+") as f:
+        os.unlink(union.m("d/a"))
+        f.seek(0, os.SEEK_END)
+        f.write("after unlink\n")
+        f.flush()
+        f.seek(0)
+        assert f.read() == "lower a\nafter unlink\n"
+        assert os.fstat(f.fileno()).st_size == len("lower a\nafter unlink\n")
+        os.fchmod(f.fileno(), 0o600)
+        assert stat.S_IMODE(os.fstat(f.fileno()).st_mode) == 0o600
+        assert not any(n.startswith(".fuse_hidden") for n in os.listdir(union.m("d")))
+    with open(union.m("d/sub/deep")) as f:
+        os.unlink(union.m("d/sub/deep"))
+        assert f.read() == "deep\n"
+    assert not os.path.exists(union.m("d/a"))
+    assert sorted(os.listdir(union.upper / "d")) == ["a", "sub"]  # a: whiteout
+    assert sorted(os.listdir(union.work)) == []
+
+
+def test_fsync_statfs_and_mmap(union: Union) -> None:
+    fd = os.open(union.m("d/new"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"\0" * 8192)
+        os.fsync(fd)
+        os.fdatasync(fd)
+        with mmap.mmap(fd, 8192) as mm:
+            mm[100:105] = b"hello"
+            mm.flush()
+    finally:
+        os.close(fd)
+    assert Path(union.u("d/new")).read_bytes()[100:105] == b"hello"
+    with open(union.m("d/a"), "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        assert mm[:7] == b"lower a"
+    sv = os.statvfs(union.m(""))
+    assert sv.f_namemax == 255 and sv.f_blocks > 0
+
+
+# -- errors and limits ----------------------------------------------------------------------------
+
+
+def test_posix_errors(union: Union) -> None:
+    def code(fn, *args) -> int:  # noqa: ANN001
+        try:
+            fn(*args)
+        except OSError as exc:
+            return exc.errno
+        return 0
+
+    long = "n" * 256
+    assert code(os.lstat, union.m(long)) == errno.ENAMETOOLONG
+    assert code(os.mkdir, union.m(long)) == errno.ENAMETOOLONG
+    assert code(open, union.m(long), "w") == errno.ENAMETOOLONG
+    assert code(os.mkdir, union.m("n" * 255)) == 0
+    assert code(os.lstat, union.m("d/nothing")) == errno.ENOENT
+    assert code(os.lstat, union.m("d/a/below")) == errno.ENOTDIR
+    assert code(os.mkdir, union.m("d")) == errno.EEXIST
+    assert code(os.unlink, union.m("d")) == errno.EISDIR
+    assert code(os.rmdir, union.m("d/a")) == errno.ENOTDIR
+    assert code(os.link, union.m("d"), union.m("dlink")) == errno.EPERM
+
+
+def test_paths_longer_than_path_max(union: Union) -> None:
+    comp = "c" * 200
+    fd = os.open(union.m(""), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(30):  # 30 * 201 bytes: well past PATH_MAX
+            os.mkdir(comp, dir_fd=fd)
+            nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        wfd = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(wfd, b"deep")
+        os.close(wfd)
+        os.setxattr(f"/proc/self/fd/{fd}/leaf", "user.x", b"1")
+        os.rename("leaf", "leaf2", src_dir_fd=fd, dst_dir_fd=fd)
+        assert os.stat("leaf2", dir_fd=fd).st_size == 4
+    finally:
+        os.close(fd)
+    union.remount()
+    fd = os.open(union.m(""), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(30):
+            nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        assert os.listdir(fd) == ["leaf2"]
+    finally:
+        os.close(fd)
+
+
+def test_permissions_are_checked_as_the_kernel_does(union: Union) -> None:
+    need_tool("setpriv")
+    # pytest's tmp dirs are 0700: another user needs a mount point it can reach.
+    union.umount()
+    public = Path(tempfile.mkdtemp(prefix="cowfs-perm-", dir="/tmp"))
+    os.chmod(public, 0o755)
+    union.mnt = public
+    try:
+        union.mount()
+        _check_permissions(union)
+    finally:
+        union.umount()
+        public.rmdir()
+
+
+def _check_permissions(union: Union) -> None:
+
+    def as_nobody(*cmd: str) -> int:
+        return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               *cmd], capture_output=True).returncode  # fmt: skip
+
+    assert as_nobody("cat", union.m("d/b")) == 0  # allow_other: other users see the mount
+    assert as_nobody("cat", union.m("none")) != 0  # mode 0000
+    assert as_nobody("sh", "-c", f"echo x >> {union.m('d/b')}") != 0
+    assert as_nobody("touch", union.m("d/newfile")) != 0
+    assert not os.path.exists(union.m("d/newfile"))
+    os.chmod(union.m("d"), 0o777)
+    assert as_nobody("touch", union.m("d/newfile")) == 0
+    st = os.lstat(union.m("d/newfile"))
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+
+def test_read_only_mount_refuses_changes(union: Union) -> None:
+    union.umount()
+    union.mount(read_only=True)
+    with pytest.raises(OSError) as exc:
+        os.open(union.m("d/a"), os.O_WRONLY)
+    assert exc.value.errno == errno.EROFS
+    assert read(union.m("d/a")) == "lower a\n"
+    assert os.listdir(union.upper) == []
