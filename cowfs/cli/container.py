@@ -67,6 +67,9 @@ def run(ctx: click.Context, name, auto_remove, detach, interactive, tty, env, wo
     )
     rt = _runtime(ctx)
     state = rt.create(image, opts, name=name, auto_remove=auto_remove)
+    from runtime.container import _phase
+
+    _phase("created")
     code = rt.run(state, detach=detach)
     if detach:
         click.echo(state.id)
