@@ -41,7 +41,9 @@ import gzip
 import hashlib
 import io
 import os
+import queue
 import tarfile
+import threading
 import zlib
 from base64 import b64decode
 from collections.abc import Callable
@@ -193,6 +195,83 @@ def _decompressor(raw: BinaryIO, compression: str | None) -> BinaryIO:
     if compression == "zstd":
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     return raw
+
+
+class _Prefetcher(io.RawIOBase):
+    """Reads `src` on a thread, a chunk ahead: inflating (zlib and zstd drop the GIL) and hashing
+    the blob overlap with parsing the tar on the caller's thread. Errors of the reading thread
+    are raised by read(); close() stops the thread (it never outlives the import)."""
+
+    _STOP = object()
+
+    def __init__(self, src: BinaryIO, chunk: int = _CHUNK, depth: int = 4) -> None:
+        self.src = src
+        self.chunk = chunk
+        self.q: queue.Queue = queue.Queue(depth)
+        self.stopped = threading.Event()
+        self.buf = memoryview(b"")
+        self.eof = False
+        self.thread = threading.Thread(target=self._run, name="cowfs-layer-read", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                data = self.src.read(self.chunk)
+                if not self._put(data) or not data:
+                    return
+        except BaseException as exc:  # handed to the reader, raised there
+            self._put(exc)
+
+    def _put(self, item: object) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            self.eof = True
+            raise item
+        if not item:
+            self.eof = True
+        self.buf = memoryview(item)
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            parts = [bytes(self.buf)]
+            self.buf = memoryview(b"")
+            while not self.eof:
+                self._fill()
+                parts.append(bytes(self.buf))
+                self.buf = memoryview(b"")
+            return b"".join(parts)
+        if not self.buf and not self.eof:
+            self._fill()
+        data = bytes(self.buf[:size])
+        self.buf = self.buf[size:]
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.stopped.set()
+        while self.thread.is_alive():
+            try:  # unblock a put() that waits for room
+                self.q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        super().close()
 
 
 class _LayerReader:
@@ -428,6 +507,8 @@ def read_layer(
             raise InvalidInput(f"{what}: compressed blob of unknown size")
         budget = limits.budget(blob_size)
     stream = _decompressor(_Peekable(head, raw), compression)  # type: ignore[arg-type]
+    if compression is not None:
+        stream = _Prefetcher(stream)
     diff = _HashingReader(stream, budget, what)
     state = _LayerReader(lb, limits.budget(blob_size or 0), what)
     member: tarfile.TarInfo | None = None
@@ -448,6 +529,9 @@ def read_layer(
     except (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
         at = f" at {member.name!r}" if member is not None else ""
         raise InvalidInput(f"{what}{at}: damaged or truncated archive ({_why(exc)})") from None
+    finally:
+        if isinstance(stream, _Prefetcher):
+            stream.close()
     blob_digest = raw.digest() if compression is not None else diff.digest()
     return toc, blob_digest, diff.digest(), compression
 

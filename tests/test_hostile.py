@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +319,8 @@ def test_hostile_layer(row: Row, env, monkeypatch: pytest.MonkeyPatch) -> None:
             _import_with_limits(store, layout, row.limits)
         assert store.images() == []
         assert outside() == before
+    # The thread that inflates ahead of the parser never outlives an import.
+    assert not [t for t in threading.enumerate() if t.name == "cowfs-layer-read"]
 
 
 def _import_with_limits(store: Store, layout: Path, limits: layertar.Limits) -> str:
