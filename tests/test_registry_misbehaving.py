@@ -12,12 +12,19 @@ from pathlib import Path
 import pytest
 
 from cowfs.errors import AuthError, CowfsError, DigestMismatch, InvalidInput, RegistryError
+from cowfs.registry import client
 from cowfs.registry import manifest as mf
 from cowfs.registry.pull import pull
 from cowfs.store import Store
 from tests.registry_fixtures import FakeRegistry, Layer, OciImage, fake_registry, sha
 
 COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries happen at once here: these tests count attempts, not seconds."""
+    monkeypatch.setattr(client, "BACKOFF", 0.0)
 
 
 @pytest.fixture
@@ -234,3 +241,27 @@ def test_cli_error_is_one_line(fake: FakeRegistry, tmp_path: Path) -> None:
     )
     assert proc.returncode == DigestMismatch.exit_code
     assert proc.stderr.startswith("Error: blob sha256:") and proc.stderr.count("\n") == 1
+
+
+def test_broken_download_resumes_with_range(fake: FakeRegistry, tmp_path: Path) -> None:
+    img = image()
+    fake.serve_image("app", "v1", img)
+    blob = img.layers[0].blob
+    half = len(blob) // 2
+    calls: list[str | None] = []
+
+    def flaky(h) -> tuple[int, dict[str, str], bytes]:
+        calls.append(h.headers.get("Range"))
+        if len(calls) == 1:  # cut off half-way
+            return 200, {"Content-Length": str(len(blob)), "Connection": "close"}, blob[:half]
+        if len(calls) == 2:  # a passing hiccup
+            return 503, {}, b"try later"
+        start = int(h.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        headers = {"Content-Range": f"bytes {start}-{len(blob) - 1}/{len(blob)}"}
+        return 206, headers, blob[start:]
+
+    fake.routes[("GET", f"/v2/app/blobs/{sha(blob)}")] = flaky
+    store = Store(tmp_path / "s")
+    res = pull(store, f"{fake.host}/app:v1")
+    assert calls == [None, f"bytes={half}-", f"bytes={half}-"]
+    assert res.downloaded == 2 and list(store.tmp.iterdir()) == []

@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from cowfs.errors import AuthError, DigestMismatch, RegistryError
+from cowfs.errors import AuthError, DigestMismatch, RegistryError, TransferError
 from cowfs.registry import manifest as mf
 from cowfs.registry.auth import Authenticator, Credentials, lookup
 from cowfs.registry.reference import Reference
 
 CHUNK = 1 << 20
+RETRIES = 3  # attempts for a GET or HEAD, and for a blob download (resumed with Range)
+BACKOFF = 0.25  # seconds before the second attempt; doubles after each
 _REDIRECTS = (301, 302, 303, 307, 308)
 Progress = Callable[[int], None]
 
@@ -191,10 +195,10 @@ class RegistryClient:
         except ssl.SSLError as exc:
             raise RegistryError(f"{self.host}: TLS error: {exc.reason or exc}") from None
         except http.client.IncompleteRead as exc:
-            raise RegistryError(f"{self.host}: connection closed mid-response ({exc})") from None
+            raise TransferError(f"{self.host}: connection closed mid-response ({exc})") from None
         except (OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise RegistryError(f"cannot reach {self.host}: {reason}") from None
+            raise TransferError(f"cannot reach {self.host}: {reason}") from None
 
     def _fetch(
         self, method: str, url: str, headers: dict[str, str], body: bytes | None
@@ -254,7 +258,27 @@ class RegistryClient:
         ok: tuple[int, ...] = (200,),
         what: str = "",
     ) -> Response:
-        """Send with authentication and redirects; a status outside `ok` raises."""
+        """Send with authentication and redirects; a status outside `ok` raises. GET and HEAD
+        are tried again after a broken connection or a 5xx, as docker does."""
+        tries = RETRIES if method in ("GET", "HEAD") else 1
+        for attempt in range(tries):
+            try:
+                return self._request_once(method, path, headers, body, ok, what)
+            except TransferError:
+                if attempt == tries - 1:
+                    raise
+                time.sleep(BACKOFF * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _request_once(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None,
+        body: bytes | BinaryIO | None,
+        ok: tuple[int, ...],
+        what: str,
+    ) -> Response:
         base = self.base()
         url = path if "://" in path else base + path
         start = body.tell() if hasattr(body, "tell") else None  # type: ignore[union-attr]
@@ -304,6 +328,8 @@ class RegistryClient:
         )
         if resp.status == 401:
             return AuthError(text)
+        if resp.status >= 500 or resp.status == 429:
+            return TransferError(text)
         if resp.status == 403:
             return AuthError(
                 f"{self.host}: access denied to {what}" + (f" ({detail})" if detail else "")
@@ -365,46 +391,78 @@ class RegistryClient:
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
     ) -> None:
-        """Stream a blob into `out`, checking its size and sha256 against the descriptor."""
+        """Stream a blob into `out` (a fresh seekable file), checking its size and sha256
+        against the descriptor. A transfer that breaks off resumes where it stopped (Range)."""
         name = mf.short(desc.digest)
-        resp = self.request("GET", f"/v2/{repository}/blobs/{desc.digest}", what=f"blob {name}")
+        state = _BlobState()
+        for attempt in range(RETRIES):
+            try:
+                self._fetch_blob_once(repository, desc, out, state, progress, cancel)
+                break
+            except TransferError as exc:
+                if attempt == RETRIES - 1:
+                    raise TransferError(f"{exc.message} (after {RETRIES} attempts)") from None
+                time.sleep(BACKOFF * 2**attempt)
+        if state.size < desc.size:
+            raise TransferError(f"blob {name} truncated: got {state.size} of {desc.size} bytes")
+        got = "sha256:" + state.sha.hexdigest()
+        if got != desc.digest:
+            raise DigestMismatch(f"blob {name} has digest {mf.short(got)}")
+
+    def _fetch_blob_once(
+        self,
+        repository: str,
+        desc: mf.Descriptor,
+        out: BinaryIO,
+        state: _BlobState,
+        progress: Progress | None,
+        cancel: threading.Event | None,
+    ) -> None:
+        name = mf.short(desc.digest)
+        headers = {"Range": f"bytes={state.size}-"} if 0 < state.size < desc.size else {}
+        resp = self.request(
+            "GET",
+            f"/v2/{repository}/blobs/{desc.digest}",
+            headers=headers,
+            ok=(200, 206),
+            what=f"blob {name}",
+        )
         try:
+            if resp.status == 200 and state.size:
+                # The registry ignored the Range: start over.
+                out.seek(0)
+                out.truncate()
+                state.reset()
             length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) != desc.size:
+            if length and length.isdigit() and state.size + int(length) != desc.size:
                 raise DigestMismatch(
-                    f"blob {name} is {length} bytes, the manifest says {desc.size}"
+                    f"blob {name} is {state.size + int(length)} bytes, the manifest says "
+                    f"{desc.size}"
                 )
-            h = hashlib.sha256()
-            n = 0
             while True:
                 if cancel is not None and cancel.is_set():
                     raise RegistryError(f"download of blob {name} cancelled")
                 try:
                     chunk = resp.read(CHUNK)
                 except http.client.IncompleteRead as exc:
-                    chunk = exc.partial
-                    n += len(chunk)
-                    raise RegistryError(
-                        f"blob {name} truncated: got {n} of {desc.size} bytes"
+                    state.add(exc.partial, out, progress)
+                    raise TransferError(
+                        f"blob {name} truncated: got {state.size} of {desc.size} bytes"
                     ) from None
                 except (OSError, http.client.HTTPException) as exc:
-                    raise RegistryError(f"blob {name}: download failed: {exc}") from None
+                    raise TransferError(f"blob {name}: download broke off: {exc}") from None
                 if not chunk:
+                    if state.size < desc.size:
+                        # http.client ends a body cut short quietly when reading by amounts.
+                        raise TransferError(
+                            f"blob {name} truncated: got {state.size} of {desc.size} bytes"
+                        )
                     break
-                n += len(chunk)
-                if n > desc.size:
+                if state.size + len(chunk) > desc.size:
                     raise DigestMismatch(
                         f"blob {name} is larger than the {desc.size} bytes the manifest says"
                     )
-                h.update(chunk)
-                out.write(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-            if n < desc.size:
-                raise RegistryError(f"blob {name} truncated: got {n} of {desc.size} bytes")
-            got = "sha256:" + h.hexdigest()
-            if got != desc.digest:
-                raise DigestMismatch(f"blob {name} has digest {mf.short(got)}")
+                state.add(chunk, out, progress)
         finally:
             resp.close()
 
@@ -412,8 +470,6 @@ class RegistryClient:
         """A small blob (an image config) in memory, verified."""
         if desc.size > limit:
             raise RegistryError(f"blob {mf.short(desc.digest)} is too large ({desc.size} bytes)")
-        import io
-
         buf = io.BytesIO()
         self.fetch_blob(repository, desc, buf)
         return buf.getvalue()
@@ -487,6 +543,24 @@ class RegistryClient:
         said = resp.headers.get("Docker-Content-Digest")
         if said and said != digest:
             raise DigestMismatch(f"registry stored blob {name} as {mf.short(said)}")
+
+
+class _BlobState:
+    """What a blob download has written so far, carried across resumed attempts."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def add(self, data: bytes, out: BinaryIO, progress: Progress | None) -> None:
+        self.sha.update(data)
+        out.write(data)
+        self.size += len(data)
+        if progress is not None and data:
+            progress(len(data))
 
 
 class _ProgressReader:
