@@ -221,6 +221,36 @@ def test_export_is_the_merged_tree(cowfs: Cowfs, tmp_path: Path) -> None:
     assert "bin/busybox" in names and "bin/ls" not in names and "bin/cat" in names
 
 
+def test_commit_makes_an_image_that_runs(cowfs: Cowfs) -> None:
+    assert cowfs("run", "--name", "cm", "busybox", "sh", "-c",
+                 "echo baked > /baked; rm /bin/vi").returncode == 0  # fmt: skip
+    proc = cowfs("commit", "cm", "baked:1")
+    assert proc.returncode == 0, proc.stderr
+    proc = cowfs("run", "--rm", "baked:1", "sh", "-c", "cat /baked; test -e /bin/vi || echo gone")
+    assert proc.stdout == "baked\ngone\n", proc.stderr
+
+
+def test_logs_follow_and_kill_with_a_signal(cowfs: Cowfs) -> None:
+    proc = cowfs("run", "-d", "--name", "lf", "--cpus", "0.5", "busybox", "sh", "-c",
+                 "trap 'echo usr1; exit 9' USR1; echo up; while true; do sleep 0.1; done")
+    assert proc.returncode == 0, proc.stderr
+    quota = inspect(cowfs, "lf")["Cgroups"]["cpu"][1] + "/cpu.cfs_quota_us"
+    if os.path.exists(quota):  # v1; on v2 it is cpu.max
+        assert Path(quota).read_text().strip() == "50000"
+    follower = subprocess.Popen(_cowfs_cmd(cowfs.root, ("logs", "-f", "lf")),  # type: ignore
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline() == "up\n"  # it follows while the container runs
+        assert cowfs("kill", "-s", "USR1", "lf").returncode == 0
+        rest = follower.communicate(timeout=60)[0]  # and ends when the container exits
+    finally:
+        follower.kill()
+        follower.wait()
+    assert rest == "usr1\n"
+    assert inspect(cowfs, "lf")["State"]["ExitCode"] == 9
+
+
 def test_runc_runs_the_bundle_on_the_cowfs_mount(cowfs: Cowfs, tmp_path: Path) -> None:
     need_tool("runc")
     cmd = "cat /marker 2>/dev/null; echo line >> /marker; hostname"

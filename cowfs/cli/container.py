@@ -229,13 +229,3 @@ def bundle(ctx: click.Context, container: str, directory: str) -> None:
 
     The mount stays until `cowfs rm`; run it with e.g. `runc run --bundle DIRECTORY ID`."""
     click.echo(_runtime(ctx).bundle(container, directory))
-
-
-@click.command("commit")
-@click.argument("container")
-@click.argument("tag")
-@click.pass_context
-def commit(ctx: click.Context, container: str, tag: str) -> None:
-    """Make an image from a container: its image plus its changes as one more layer."""
-    image_id = _runtime(ctx).commit(container, tag)
-    click.echo(image_id)
