@@ -8,6 +8,7 @@ unpacks from its own image.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,30 @@ def test_not_an_image(store: Store, tmp_path: Path) -> None:
     junk.write_bytes(b"\0garbage" * 100)
     with pytest.raises(InvalidInput):
         oci.import_image(store, junk)
+
+
+def test_image_index_picks_the_host_platform(umoci_image: Path, store: Store,
+                                             tmp_path: Path) -> None:  # fmt: skip
+    """A multi-platform layout (an index whose entry is itself an image index)."""
+    layout = _corrupt_layout(umoci_image, tmp_path / "multi")  # only v3 is left in index.json
+    top = json.loads((layout / "index.json").read_text())["manifests"][0]
+    other = {**top, "platform": {"os": "linux", "architecture": "s390x"}}
+    mine = {**top, "platform": {"os": "linux", "architecture": oci.host_architecture()}}
+    inner = json.dumps({"schemaVersion": 2, "mediaType": oci.MT_INDEX,
+                        "manifests": [other, mine]}).encode()  # fmt: skip
+    digest = hashlib.sha256(inner).hexdigest()
+    (layout / "blobs/sha256" / digest).write_bytes(inner)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": oci.MT_INDEX, "digest": f"sha256:{digest}", "size": len(inner),
+        "annotations": {oci.REF_NAME: "multi"}}]}))  # fmt: skip
+    image_id = oci.import_image(store, f"{layout}:multi")
+    assert store.tags() == {"multi:multi": image_id}
+    assert len(store.image(image_id).layers) == 3
+
+
+def test_parallel_imports_of_one_image(umoci_image: Path, store: Store) -> None:
+    with ThreadPoolExecutor(3) as pool:
+        ids = list(pool.map(lambda _: oci.import_image(Store(store.root), f"{umoci_image}:v3"),
+                            range(3)))  # fmt: skip
+    assert len(set(ids)) == 1 and store.image_ids() == ids[:1]
+    assert len(store.layers()) == 3
