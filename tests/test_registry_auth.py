@@ -240,3 +240,21 @@ def test_bearer_with_real_registry(tmp_path: Path, docker_config: Path) -> None:
         docker_config.write_text(json.dumps({"auths": {reg.host: {"auth": b64("tester:bad")}}}))
         with pytest.raises(AuthError, match="refused the credentials"):
             pull(Store(tmp_path / "fresh2"), f"{reg.host}/other:v1")
+
+
+def test_blob_redirect_to_cdn_drops_credentials(bearer_registry, tmp_path: Path) -> None:
+    """Docker Hub answers blob GETs with a redirect to a CDN: it must not see the token."""
+    cfg = tmp_path / "auth.json"
+    cfg.write_text(json.dumps({"auths": {bearer_registry.host: {"auth": b64("tester:pw")}}}))
+    layer = bearer_registry.image.layers[0].blob
+    with fake_registry() as cdn:
+        cdn.routes[("GET", "/cdn/layer")] = (200, {}, layer)
+        path = f"/v2/app/blobs/{sha(layer)}"
+        redirect = (307, {"Location": f"http://{cdn.host}/cdn/layer?sig=x"}, b"")
+        guarded = bearer_registry.routes[("GET", path)]
+        bearer_registry.routes[("GET", path)] = lambda h: (
+            redirect if guarded(h)[0] == 200 else guarded(h)
+        )
+        res = pull(Store(tmp_path / "store"), f"{bearer_registry.host}/app:v1", authfile=str(cfg))
+        assert res.downloaded == 1
+        assert cdn.log == [("GET", "/cdn/layer?sig=x", None)]
