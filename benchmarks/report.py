@@ -12,13 +12,16 @@ import os
 from html import escape
 from pathlib import Path
 
-COWFS = ("cowfs", "cowfs-dirs")  # the store mount first: it is how cowfs is normally used
+# The store mount first: it is how cowfs is normally used; the others are shown beside it.
+COWFS = ("cowfs", "cowfs-dirs", "cowfs-threads", "cowfs-writeback")
 COLORS = {
     "native": "#9e9e9e",
     "overlayfs": "#1f77b4",
     "fuse-overlayfs": "#ff7f0e",
     "cowfs": "#2ca02c",
     "cowfs-dirs": "#98df8a",
+    "cowfs-threads": "#9467bd",
+    "cowfs-writeback": "#8c564b",
 }
 
 CHURN = "issue 3: small-file churn no slower than fuse-overlayfs"
@@ -155,8 +158,12 @@ def _ratio_cell(entry: dict, against: str, cowfs: list[str]) -> str:
     for c in cowfs:
         r = ratio(entry, c, against)
         if r is not None:
-            parts.append(f"{r:.2f}×" if c == cowfs[0] else f"(dirs {r:.2f}×)")
+            parts.append(f"{r:.2f}×" if c == cowfs[0] else f"({_short(c)} {r:.2f}×)")
     return " ".join(parts) or "–"
+
+
+def _short(system: str) -> str:
+    return {"cowfs": "store"}.get(system, system.removeprefix("cowfs-"))
 
 
 def _gib(n: float) -> str:
@@ -207,8 +214,9 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
         "## Results",
         "",
         "Median seconds over the runs (min–max); lower is better. The ratio columns are cowfs "
-        "(store) ÷ the other system, with cowfs on plain-directory lowers in parentheses: below "
-        "1 means cowfs is faster. ⚠ marks a system for which some samples failed (see notes).",
+        "÷ the other system — cowfs (store) first, other cowfs variants in parentheses (dirs = "
+        "cowfs on the same plain-directory lowers as overlayfs): below 1 means cowfs is faster. "
+        "⚠ marks a system for which some samples failed (see the notes).",
         "",
         "| workload | " + " | ".join(s["label"] for s in systems)
         + (" | cowfs ÷ overlayfs | cowfs ÷ fuse-overlayfs |" if cowfs else " |"),
@@ -230,7 +238,7 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
             "| --- | --- | --- | ---: | --- |",
         ]
         for t in doc["targets"]:
-            variant = "store" if t["system"] == "cowfs" else "dir lowers"
+            variant = _short(t["system"])
             lines.append(
                 f"| {t['source']} | {t['metric']} | {variant} | {t['measured']} | "
                 f"{'yes' if t['met'] else '**no**'} |"

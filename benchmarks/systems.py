@@ -337,6 +337,45 @@ class CowfsStore(System):
         )
 
 
+class CowfsTuned(CowfsStore):
+    """cowfs (store) with a FUSE setting the CLI does not expose: for deciding the defaults.
+
+    Not in the default set; pick with `cowfs bench --system cowfs --system cowfs-threads`.
+    """
+
+    def __init__(self, name: str, label: str, **settings: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.label = label
+        self.settings = settings
+
+    def unavailable(self) -> str | None:
+        try:
+            from cowfs import mounting  # noqa: F401
+        except ImportError as exc:
+            return f"cowfs.mounting is not importable: {exc}"
+        return None
+
+    def mount(self, ds: Dataset, run_dir: Path) -> View:
+        from cowfs import mounting
+        from cowfs.store import Store
+
+        upper, work, mnt = _fresh_dirs(run_dir)
+        assert self.store_root is not None
+        mounting.mount(Store(self.store_root), self.ref, mnt, upper, work, **self.settings)
+        _wait_mounted(mnt)
+        return View(self, mnt, run_dir)
+
+    def unmount(self, view: View) -> None:
+        from cowfs import mounting
+
+        mounting.umount(view.path)
+
+    def describe(self) -> str:
+        changed = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"as cowfs (store), mounted through cowfs.mounting.mount with {changed}"
+
+
 def cowfs_fuse_options() -> str:
     """The FUSE settings cowfs gives itself (not visible in /proc/mounts), read from the code."""
     try:
@@ -358,7 +397,16 @@ def cowfs_fuse_options() -> str:
 
 
 def all_systems() -> list[System]:
+    """The systems every run compares."""
     return [Native(), KernelOverlay(), FuseOverlayfs(), CowfsStore(), CowfsDirs()]
+
+
+def variant_systems() -> list[System]:
+    """cowfs with other FUSE settings, only when asked for by name (--system)."""
+    return [
+        CowfsTuned("cowfs-threads", "cowfs (threads)", threads=True),
+        CowfsTuned("cowfs-writeback", "cowfs (writeback)", writeback=True),
+    ]
 
 
 def release(view: View) -> None:

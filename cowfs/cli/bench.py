@@ -27,7 +27,8 @@ from cowfs.errors import CowfsError, InvalidInput
     "system_names",
     multiple=True,
     metavar="NAME",
-    help="Measure only these systems: native, overlayfs, fuse-overlayfs, cowfs, cowfs-dirs.",
+    help="Measure only these systems: native, overlayfs, fuse-overlayfs, cowfs, cowfs-dirs; "
+    "also cowfs-threads, cowfs-writeback (cowfs with other FUSE settings).",
 )
 @click.option("--runs", type=click.IntRange(1, 100), default=None, help="Runs per system.")
 @click.option(
@@ -73,18 +74,20 @@ def bench(
             for m in w.metrics(profile):
                 click.echo(f"{m.key:24} {m.title}")
         click.echo("systems: " + " ".join(s.name for s in all_s))
+        click.echo("variants: " + " ".join(s.name for s in systems.variant_systems()))
         return
     names = [n for item in only for n in item.split(",") if n]
     chosen = workloads.select(all_w, names)
     if not chosen:
         raise InvalidInput(f"no workload matches {', '.join(names)} (see cowfs bench --list)")
     if system_names:
-        known = {s.name for s in all_s}
+        every = all_s + systems.variant_systems()
+        known = [s.name for s in every]
         wanted = [n for item in system_names for n in item.split(",") if n]
-        unknown = sorted(set(wanted) - known)
+        unknown = sorted(set(wanted) - set(known))
         if unknown:
             raise InvalidInput(f"unknown system {', '.join(unknown)} (known: {', '.join(known)})")
-        all_s = [s for s in all_s if s.name in wanted]
+        all_s = [s for s in every if s.name in wanted]
     if os.geteuid() != 0:
         raise CowfsError("cowfs bench needs root (it mounts filesystems and drops caches)")
 
