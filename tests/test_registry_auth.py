@@ -258,3 +258,14 @@ def test_blob_redirect_to_cdn_drops_credentials(bearer_registry, tmp_path: Path)
         res = pull(Store(tmp_path / "store"), f"{bearer_registry.host}/app:v1", authfile=str(cfg))
         assert res.downloaded == 1
         assert cdn.log == [("GET", "/cdn/layer?sig=x", None)]
+
+
+def test_plain_http_only_when_allowed(tmp_path: Path) -> None:
+    """HTTPS first; plain HTTP for localhost (docker's default) or with --insecure only."""
+    from cowfs.registry.client import RegistryClient
+
+    with fake_registry() as fake:
+        with pytest.raises(RegistryError, match="cannot talk TLS.*plain HTTP needs --insecure"):
+            RegistryClient(fake.host).base()
+        assert RegistryClient(fake.host, insecure=True).base() == f"http://{fake.host}"
+        assert RegistryClient(fake.host, allow_http=True).base() == f"http://{fake.host}"

@@ -188,10 +188,7 @@ class RegistryClient:
         try:
             return self.transport.send(method, url, headers, body)
         except ssl.SSLCertVerificationError as exc:
-            raise RegistryError(
-                f"{self.host}: TLS certificate not trusted ({exc.verify_message}); "
-                "trust its CA with SSL_CERT_FILE or use --insecure"
-            ) from None
+            raise self._untrusted(exc) from None
         except ssl.SSLError as exc:
             raise RegistryError(f"{self.host}: TLS error: {exc.reason or exc}") from None
         except http.client.IncompleteRead as exc:
@@ -199,6 +196,12 @@ class RegistryClient:
         except (OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise TransferError(f"cannot reach {self.host}: {reason}") from None
+
+    def _untrusted(self, exc: ssl.SSLCertVerificationError) -> RegistryError:
+        return RegistryError(
+            f"{self.host}: TLS certificate not trusted ({exc.verify_message}); "
+            "trust its CA with SSL_CERT_FILE or use --insecure"
+        )
 
     def _fetch(
         self, method: str, url: str, headers: dict[str, str], body: bytes | None
@@ -223,9 +226,8 @@ class RegistryClient:
             url = f"{scheme}://{self.host}/v2/"
             try:
                 resp = self.transport.send("GET", url, {}, None)
-            except ssl.SSLCertVerificationError:
-                resp = None
-                self._send("GET", url, {}, None)  # raises the explained error
+            except ssl.SSLCertVerificationError as exc:
+                raise self._untrusted(exc) from None
             except (ssl.SSLError, ConnectionResetError, http.client.HTTPException) as exc:
                 # Not TLS on the other end: try plain HTTP when that is allowed.
                 if scheme == schemes[-1]:
@@ -234,7 +236,6 @@ class RegistryClient:
                 continue
             except OSError as exc:
                 raise RegistryError(f"cannot reach {self.host}: {exc.strerror or exc}") from None
-            assert resp is not None
             status = resp.status
             www = resp.headers.get("WWW-Authenticate")
             resp.read_limited(1 << 20)
