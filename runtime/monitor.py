@@ -83,7 +83,7 @@ def raw_terminal(fd: int) -> Iterator[None]:
         yield
         return
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: keep what was typed ahead
     try:
         yield
     finally:

@@ -273,3 +273,43 @@ def test_runc_runs_the_bundle_on_the_cowfs_mount(cowfs: Cowfs, tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     # runc saw the container's own upper layer (the marker written by `cowfs run`)
     assert proc.stdout == "line\nbundled\n"
+
+
+def _read_until(fd: int, needle: bytes, limit: float = 30) -> bytes:
+    import select
+    import time
+
+    seen = b""
+    end = time.monotonic() + limit
+    while needle not in seen and time.monotonic() < end:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_interactive_terminal_with_ctrl_c(cowfs: Cowfs) -> None:
+    master, slave = os.openpty()
+    cmd = _cowfs_cmd(cowfs.root, ("run", "--rm", "-it", "busybox", "sh"))  # type: ignore
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    try:
+        assert b"# " in _read_until(master, b"# ")  # the shell's prompt, on its own terminal
+        os.write(master, b"echo $((6*7)); sleep 1000\n")
+        assert b"42" in _read_until(master, b"42")
+        os.write(master, b"\x03")  # through the raw host terminal to the container's own pty
+        os.write(master, b"echo after-$?; tty; exit 5\n")
+        out = _read_until(master, b"/dev/pts/0")
+        assert b"after-130" in out and b"/dev/pts/0" in out
+        assert proc.wait(timeout=60) == 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
