@@ -217,3 +217,22 @@ def test_failed_upload_leaves_no_staging(tmp_path: Path) -> None:
             push(store, "src:v1", f"{fake.host}/app:v1")
         assert not [m for m, p, _ in fake.log if "/manifests/" in p]  # no tag for a partial image
     assert list(store.tmp.iterdir()) == []
+
+
+def test_pushed_image_pulls_back_without_download(registry: Registry, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    import_rootfs(store, make_tree(tmp_path / "src"), "src:v1")
+    push(store, "src:v1", f"{registry.host}/app:v1")
+    res = pull(store, f"{registry.host}/app:v1")
+    assert (res.layers, res.downloaded) == (1, 0)
+    assert store.image(res.image_id).layers == store.resolve("src:v1").layers
+
+
+def test_image_listing_a_layer_twice(registry: Registry, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    import_rootfs(store, make_tree(tmp_path / "src"), "src:v1")
+    img = store.resolve("src:v1")
+    twice = store.add_image(img.layers * 2, img.config, tags=["twice:v1"])
+    res = push(store, twice, f"{registry.host}/twice:v1")
+    assert (res.layers, res.uploaded) == (2, 1)
+    assert len(skopeo_inspect(registry, "twice:v1")["Layers"]) == 2

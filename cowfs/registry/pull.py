@@ -100,7 +100,12 @@ def pull(
     layer_ids: list[str | None] = []
     missing: dict[str, tuple[mf.Descriptor, str]] = {}
     for desc, diff_id in zip(manifest.layers, diff_ids, strict=True):
-        have = store.layer_by_digest(desc.digest) or store.layer_by_digest(diff_id)
+        have = store.layer_by_digest(desc.digest)
+        if have is None:
+            have = store.layer_by_digest(diff_id)
+            if have is not None:
+                # The same tar, compressed differently: remember this blob as well.
+                store.update_layer_meta(have, blobs={desc.digest: desc.media_type})
         layer_ids.append(have)
         if have is None:
             missing.setdefault(desc.digest, (desc, diff_id))

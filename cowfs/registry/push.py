@@ -93,7 +93,9 @@ def push(
     cache = RegistryCache(store.cache_dir)
     repo = f"{r.registry}/{r.repository}"
     staging = store.mkdtemp("push")
-    layers = [_Layer(layer_id) for layer_id in image.layers]
+    # An image may list one layer twice: plan and send it once.
+    unique = {layer_id: _Layer(layer_id) for layer_id in image.layers}
+    layers = list(unique.values())
     lock = threading.Lock()
     try:
         # Phase 1: find out what each layer needs, exporting only where nothing is known.
@@ -136,6 +138,10 @@ def push(
             progress.end()
         for layer in layers:
             cache.add_repo(layer.digest, repo)
+            if layer.digest not in store.layer_meta(layer.layer_id).blobs:
+                # So that pulling this image back into this store downloads nothing.
+                store.update_layer_meta(layer.layer_id, blobs={layer.digest: layer.media_type})
+        layers = [unique[layer_id] for layer_id in image.layers]
 
         # Config, then manifest.
         docker = compression == "gzip"
@@ -170,8 +176,8 @@ def push(
         media_type=media_type,
         layers=len(layers),
         uploaded=len(todo),
-        mounted=sum(layer.how == "mounted" for layer in layers),
-        present=sum(layer.how == "present" for layer in layers),
+        mounted=sum(layer.how == "mounted" for layer in unique.values()),
+        present=sum(layer.how == "present" for layer in unique.values()),
         uploaded_bytes=sum(layer.size for layer in todo),
     )
 
