@@ -214,3 +214,15 @@ def test_pulled_image_mounts_with_right_content(registry: Registry, tmp_path: Pa
     finally:
         mounting.umount(mnt)
     assert seen == expected_tree()
+
+
+def test_image_for_mount_and_run_pulls_once(registry: Registry, tmp_path: Path) -> None:
+    from cowfs.cli.registry import image_for
+
+    skopeo_to_registry(two_layer_image().write_layout(tmp_path / "layout"), registry, "app:v1")
+    store = Store(tmp_path / "store")
+    ref = f"{registry.host}/app:v1"
+    image_id = image_for(store, ref)
+    assert store.resolve(ref).id == image_id
+    assert image_for(store, ref) == ref  # now local: no registry needed
+    assert image_for(store, image_id[:12]) == image_id[:12]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import Any
 
 import click
 
@@ -125,3 +126,29 @@ def push(obj: dict, image: str, ref: str, compression: str, chunk_size: str | No
         err=True,
     )
     click.echo(res.manifest_digest)
+
+
+def image_for(store: Any, ref: str) -> str:
+    """How `mount` and `run` should name image REF: REF itself when the store has it, else the
+    id of the image pulled for it now (as `docker run` pulls a missing image)."""
+    from cowfs.errors import NotFound
+    from cowfs.registry.pull import ensure_image
+
+    try:
+        store.resolve(ref)
+        return ref
+    except NotFound:
+        pass
+    return ensure_image(store, ref, progress=_AnnouncedBar(ref))
+
+
+class _AnnouncedBar(BarProgress):
+    """Says why a mount or run is downloading before the bar starts."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__("pulling")
+        self.ref = ref
+
+    def begin(self, total_bytes: int, layers: int) -> None:
+        click.echo(f"Unable to find image '{self.ref}' locally: pulling it", err=True)
+        super().begin(total_bytes, layers)
