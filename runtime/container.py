@@ -255,11 +255,14 @@ class Runtime:
     def _supervise(self, sd: StateDir, *, attached: bool, ready_fd: int | None = None) -> int:
         """Start the container and watch it to the end. Runs in the attached CLI or in the
         detached monitor. Returns the exit code (attached)."""
+        lock = sd.lock()  # one start at a time: a second one finds it running
         state = sd.load()
         spec = state.spec
         cgroup: Cgroup | None = None
         _phase("supervise")
         try:
+            if not state.can_start():
+                raise ContainerError(f"container {state.name} is already running")
             if not is_mounted(sd.rootfs):
                 self.mounter.mount(self.store, state.image_id, str(sd.rootfs),
                                    upper=str(sd.upper), work=str(sd.work))  # fmt: skip
@@ -274,13 +277,16 @@ class Runtime:
             _phase("cgroups")
             pid, chan, master, streams = self._launch(sd, spec, cgroup, attached)
             _phase("started")
-        except BaseException:
-            self._teardown(sd, state, cgroup)
-            if state.auto_remove:
-                shutil.rmtree(sd.path, ignore_errors=True)
+        except BaseException as exc:
+            if not (isinstance(exc, ContainerError) and state.status == Status.RUNNING):
+                self._teardown(sd, state, cgroup)
+                if state.auto_remove:
+                    shutil.rmtree(sd.path, ignore_errors=True)
+            os.close(lock)
             raise
         state.mark_running(pid, os.getpid())
         sd.save(state)
+        os.close(lock)
         if ready_fd is not None:
             os.write(ready_fd, b"ok")
             os.close(ready_fd)
@@ -400,32 +406,45 @@ class Runtime:
             pass
         return state
 
-    def wait(self, sd: StateDir, timeout: float | None = None) -> State:
-        """Until the container is no longer running (its monitor finished the teardown)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                state = sd.load()
-            except NotFound:
-                raise
-            if state.status != Status.RUNNING:
-                return state
-            if not state.monitor_alive() and not state.is_alive():
-                # nobody is left to tear it down: do it ourselves
-                self._teardown(sd, state, None)
-                state.mark_exited(-1)
-                sd.save(state)
-                return state
-            if deadline is not None and time.monotonic() > deadline:
-                return state
-            time.sleep(0.02)
+    def wait(self, sd: StateDir, timeout: float | None = None) -> State | None:
+        """Until the container is no longer running and torn down (None: it removed itself).
 
-    def stop(self, ref: str, timeout: float = 10.0) -> State:
+        Waits on a pidfd of its monitor, which exits right after recording the exit; with the
+        monitor gone, on the container's init, and then tears down itself."""
+        import select
+
+        try:
+            state = sd.load()
+        except NotFound:
+            return None
+        if state.status != Status.RUNNING:
+            return state
+        watch = state.monitor_pid if state.monitor_alive() else state.pid
+        try:
+            pidfd = os.pidfd_open(watch)
+        except (ProcessLookupError, ValueError):
+            pidfd = None
+        if pidfd is not None:
+            try:
+                select.select([pidfd], [], [], timeout)
+            finally:
+                os.close(pidfd)
+        try:
+            state = sd.load()
+        except NotFound:
+            return None
+        if state.status == Status.RUNNING and not state.monitor_alive() and not state.is_alive():
+            self._teardown(sd, state, None)  # nobody is left to do it
+            state.mark_exited(-1)
+            sd.save(state)
+        return state
+
+    def stop(self, ref: str, timeout: float = 10.0) -> State | None:
         sd, state = self._running(ref)
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.pid, signal.SIGTERM)
         state = self.wait(sd, timeout)
-        if state.status == Status.RUNNING:
+        if state is not None and state.status == Status.RUNNING:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.pid, signal.SIGKILL)
             state = self.wait(sd, 30)
@@ -439,11 +458,12 @@ class Runtime:
         if state.status == Status.RUNNING:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.pid, signal.SIGKILL)
+            name = state.name
             state = self.wait(sd, 30)
+            if state is None:
+                return name  # its monitor removed it (--rm)
             if state.status == Status.RUNNING:
                 raise ContainerError(f"container {state.name} did not stop")
-        if not sd.path.exists():
-            return state.name  # its monitor removed it (--rm)
         self._teardown(sd, state, None)
         shutil.rmtree(sd.path)
         return state.name

@@ -133,6 +133,17 @@ class StateDir:
     log = property(lambda self: self.path / "container.log")
     state_file = property(lambda self: self.path / "state.json")
 
+    def lock(self) -> int:
+        """An exclusive lock on this container (an fd; closing it unlocks)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError as exc:
+            raise NotFound(f"container {self.id[:12]} is gone") from exc
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
     def load(self) -> State:
         try:
             with open(self.state_file) as f:
