@@ -12,7 +12,8 @@ STAMPS := .make
 # Debian packages: fuse3 for the mount, the rest are peers and oracles used by tests,
 # benchmarks and the demo (never mocked).
 APT_PKGS := fuse3 libfuse3-3 python3 python3-venv skopeo umoci runc busybox-static \
-	docker-registry fuse-overlayfs fio zstd attr debootstrap iproute2 procps util-linux psmisc
+	docker-registry fuse-overlayfs fio zstd attr debootstrap iproute2 procps util-linux psmisc \
+	openssl
 
 .PHONY: all setup apt venv demo test test-quick stress bench lint clean
 

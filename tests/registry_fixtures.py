@@ -58,6 +58,7 @@ class Registry:
 
 
 def _self_signed(dir: Path) -> tuple[Path, Path]:
+    need_tool("openssl")
     cert, key = dir / "cert.pem", dir / "key.pem"
     subprocess.run(
         [
