@@ -182,9 +182,22 @@ class Runtime:
 
     # -- create / run / start ------------------------------------------------------------------
 
+    def _image(self, ref: str):  # noqa: ANN202 - cowfs.store.Image
+        """The store's image; a reference naming a registry host is pulled when missing
+        (as docker run does). Plain names never go to the network."""
+        try:
+            return self.store.resolve(ref)
+        except NotFound:
+            first = ref.split("/", 1)[0]
+            if "/" not in ref or not ("." in first or ":" in first or first == "localhost"):
+                raise
+        from cowfs.registry.pull import ensure_image
+
+        return self.store.resolve(ensure_image(self.store, ref))
+
     def create(self, image: str, opts: RunOptions, *, name: str | None = None,
                auto_remove: bool = False) -> State:  # fmt: skip
-        img = self.store.resolve(image)
+        img = self._image(image)
         cid = secrets.token_hex(32)
         spec = build(img.config, opts, cid)
         for vol in spec.volumes:

@@ -313,3 +313,18 @@ def test_interactive_terminal_with_ctrl_c(cowfs: Cowfs) -> None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def test_run_pulls_a_missing_image_from_a_registry(cowfs: Cowfs, tmp_path: Path) -> None:
+    from tests.registry_fixtures import run_registry
+
+    with run_registry(tmp_path / "registry") as reg:
+        ref = f"{reg.host}/tools/busybox:1"
+        proc = cowfs("push", "busybox:latest", ref)
+        assert proc.returncode == 0, proc.stderr
+        fresh = tmp_path / "fresh-store"
+        proc = subprocess.run(_cowfs_cmd(fresh, ("run", "--rm", ref, "echo", "pulled and run")),
+                              capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (0, "pulled and run\n"), proc.stderr
+    assert list((fresh / "containers").iterdir()) == []
