@@ -269,3 +269,40 @@ def test_plain_http_only_when_allowed(tmp_path: Path) -> None:
             RegistryClient(fake.host).base()
         assert RegistryClient(fake.host, insecure=True).base() == f"http://{fake.host}"
         assert RegistryClient(fake.host, allow_http=True).base() == f"http://{fake.host}"
+
+
+def test_expired_token_is_renewed(tmp_path: Path) -> None:
+    """A token that worked and is refused later has expired: fetch a new one, carry on."""
+    img = OciImage([Layer({"a": b"1"}), Layer({"b": b"2"})]).build()
+    issued: list[str] = []
+    with fake_registry() as fake:
+        realm = f"http://{fake.host}/token"
+
+        def token(h) -> tuple[int, dict[str, str], bytes]:
+            issued.append(f"tok-{len(issued) + 1}")
+            return 200, {}, json.dumps({"access_token": issued[-1]}).encode()
+
+        fake.routes[("GET", "/token")] = token
+        fake.serve_image("app", "v1", img)
+        served = 0
+
+        def guarded(inner):
+            def handle(h):
+                nonlocal served
+                # tok-1 expires after two requests; later tokens keep working
+                ok = h.headers.get("Authorization") == f"Bearer {issued[-1]}" if issued else False
+                if ok and issued[-1] == "tok-1" and served >= 2:
+                    ok = False
+                if not ok:
+                    www = f'Bearer realm="{realm}",service="s",error="invalid_token"'
+                    return 401, {"WWW-Authenticate": www}, b""
+                served += 1
+                return inner
+
+            return handle
+
+        for key in [k for k in fake.routes if k[1].startswith("/v2/app/")]:
+            fake.routes[key] = guarded(fake.routes[key])
+        res = pull(Store(tmp_path / "store"), f"{fake.host}/app:v1", jobs=1)
+        assert res.downloaded == 2
+        assert issued == ["tok-1", "tok-2"]

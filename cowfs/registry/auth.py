@@ -158,6 +158,9 @@ class Authenticator:
         self._header: str | None = None  # the Authorization header to send, once known
         self._token_scopes: frozenset[str] = frozenset()
         self._challenge: tuple[str, dict[str, str]] | None = None
+        # A token fetched since the last 401 that no request has yet been served with: if it is
+        # refused too, it is not stale, access is denied.
+        self._unproven: str | None = None
 
     def add_scope(self, scope: str) -> None:
         with self._lock:
@@ -166,6 +169,13 @@ class Authenticator:
     def header(self) -> str | None:
         with self._lock:
             return self._header
+
+    def accepted(self, sent: str | None) -> None:
+        """A request with this header was not refused: the token works."""
+        if sent is not None and sent == self._unproven:
+            with self._lock:
+                if self._unproven == sent:
+                    self._unproven = None
 
     def handle_challenge(
         self, www_authenticate: str | None, sent: str | None, fetch: Fetch
@@ -189,8 +199,12 @@ class Authenticator:
                 scopes = set(self._scopes)
                 if params.get("scope"):
                     scopes.update(params["scope"].split(" "))
-                if sent is not None and sent.startswith("Bearer ") and self._token_scopes >= scopes:
-                    # A token for every scope we need was refused: the account lacks access.
+                covered = sent is not None and sent.startswith("Bearer ")
+                covered = covered and self._token_scopes >= scopes
+                denied = params.get("error") == "insufficient_scope" or sent == self._unproven
+                if covered and denied:
+                    # A good token for every scope we need was refused: no access. (A token
+                    # that worked before and is refused now has expired: fetch another.)
                     if self.credentials is None:
                         raise AuthError(self._no_credentials())
                     raise AuthError(
@@ -198,6 +212,7 @@ class Authenticator:
                     )
                 self._header = "Bearer " + self._fetch_token(params, scopes, fetch)
                 self._token_scopes = frozenset(scopes)
+                self._unproven = self._header
             else:
                 raise AuthError(f"{self.registry}: unsupported authentication scheme {scheme!r}")
 

@@ -289,7 +289,10 @@ class RegistryClient:
             if sent:
                 hdrs["Authorization"] = sent
             resp = self._send_following(method, url, hdrs, body)
-            if resp.status != 401 or attempt == 2:
+            if resp.status != 401:
+                self.auth.accepted(sent)
+                break
+            if attempt == 2:
                 break
             www = resp.headers.get("WWW-Authenticate")
             resp.read_limited(1 << 20)
