@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -35,6 +36,7 @@ from cowfs.unionfs import Owner, UnionFS  # noqa: E402
 log = logging.getLogger("cowfs.fuse")
 
 CACHE_TIMEOUT = 86400.0  # seconds: see decision 2
+INVALIDATE_WAIT = 0.2  # seconds; normally done in microseconds
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 FUSE_READDIR_PLUS = 1
 FUSE_FILL_DIR_PLUS = 2
@@ -54,12 +56,28 @@ class _CowfsFUSE(mfusepy.FUSE):
     """mfusepy.FUSE with the few callbacks whose mfusepy form loses information."""
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> int:
-        # The one place exceptions become errnos: CowfsError carries its own errno; OSError
-        # and unexpected errors are left to mfusepy (errno, or EINVAL with a logged traceback).
+        # The one place exceptions become errnos. Expected failures (ENOENT lookups above all)
+        # cost no logging; anything unexpected is logged once and answered with EIO.
         try:
-            return super()._wrapper(_translating(func), *args, **kwargs)
-        except CowfsError as exc:  # pragma: no cover - _translating handles it
+            return func(*args, **kwargs) or 0
+        except OSError as exc:
+            if isinstance(exc.errno, int) and exc.errno > 0:
+                return -exc.errno
+            log.exception("FUSE %s failed", getattr(func, "__name__", func))
+            return -errno.EIO
+        except CowfsError as exc:
             return -exc.errno
+        except Exception:
+            if getattr(func, "__name__", "").startswith("init"):
+                raise
+            log.exception("FUSE %s failed", getattr(func, "__name__", func))
+            return -errno.EIO
+        except BaseException as exc:
+            # As mfusepy does: a SystemExit or KeyboardInterrupt stops the loop and is raised
+            # again when FUSE() returns, instead of being swallowed by libfuse.
+            self._FUSE__critical_exception = exc
+            mfusepy.fuse_exit()
+            return -errno.EFAULT
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(os.fsdecode(old), os.fsdecode(new), flags)
@@ -88,18 +106,45 @@ class _CowfsFUSE(mfusepy.FUSE):
         return self.operations.truncate(_dec(path), length, _fh(fip))
 
     def readdir_fuse_3(self, path, buf, filler, offset, fip, flags) -> int:  # noqa: ANN001
+        # Entries carry offsets (index + 1): only in that mode does libfuse pass readdirplus
+        # attributes on to the kernel, which then needs no LOOKUP per entry of a stat-walk.
         plus = bool(flags & FUSE_READDIR_PLUS)
+        fill_flags = FUSE_FILL_DIR_PLUS if plus else 0
+        entries = self.operations.listing(_dec(path), fip.contents.fh, offset)
         st = mfusepy.c_stat()
-        for name, attrs in self.operations.readdir(None if path is None else os.fsdecode(path)):
+        for i in range(offset, len(entries)):
+            name, attrs = entries[i]
             ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
             if plus:
-                mfusepy.set_st_attrs(st, attrs, use_ns=True)
+                _fill_stat(st, attrs)
             else:
                 st.st_ino = attrs["st_ino"]
                 st.st_mode = attrs["st_mode"]
-            if filler(buf, os.fsencode(name), st, 0, FUSE_FILL_DIR_PLUS if plus else 0):
+            if filler(buf, os.fsencode(name), st, i + 1, fill_flags):
                 break
         return 0
+
+    def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
+        fh = fip.contents.fh if fip else None
+        _fill_stat(buf.contents, self.operations.getattr(_dec(path), fh))
+        return 0
+
+
+def _fill_stat(st: Any, attrs: dict[str, int]) -> None:
+    """A stat dict of unionfs (times in ns) into a struct stat: the hot path of every lookup."""
+    st.st_mode = attrs["st_mode"]
+    st.st_ino = attrs["st_ino"]
+    st.st_nlink = attrs["st_nlink"]
+    st.st_uid = attrs["st_uid"]
+    st.st_gid = attrs["st_gid"]
+    st.st_size = attrs["st_size"]
+    st.st_rdev = attrs["st_rdev"]
+    st.st_blksize = attrs["st_blksize"]
+    st.st_blocks = attrs["st_blocks"]
+    st.st_atimespec.tv_sec, st.st_atimespec.tv_nsec = divmod(attrs["st_atime"], 1_000_000_000)
+    st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec = divmod(attrs["st_mtime"], 1_000_000_000)
+    st.st_ctimespec.tv_sec, st.st_ctimespec.tv_nsec = divmod(attrs["st_ctime"], 1_000_000_000)
 
 
 def _dec(path: bytes | None) -> str | None:
@@ -108,17 +153,6 @@ def _dec(path: bytes | None) -> str | None:
 
 def _fh(fip: Any) -> int | None:
     return fip.contents.fh if fip else None
-
-
-def _translating(func: Any) -> Any:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except CowfsError as exc:
-            raise OSError(exc.errno, exc.message) from None
-
-    call.__name__ = getattr(func, "__name__", "call")
-    return call
 
 
 class Operations(mfusepy.Operations):
@@ -131,7 +165,11 @@ class Operations(mfusepy.Operations):
         self.fs = fs
         self.writeback = writeback
         self.on_ready = on_ready
-        self._queue: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[list[str], threading.Event] | None] = (
+            queue.SimpleQueue()
+        )
+        self._dirs: dict[int, list[tuple[str, dict]]] = {}
+        self._dir_ids = itertools.count(1)
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         self._start_invalidator()
@@ -158,34 +196,56 @@ class Operations(mfusepy.Operations):
         """Invalidate kernel caches of other names of a changed hard-linked file.
 
         libfuse's path API gives every name its own kernel inode, so after a change through one
-        name the others' cached pages and attributes are stale. The notifications are sent from
-        a thread of their own: sent from the loop they could wait on a page lock held by a read
-        that only this same loop can answer.
+        name the others' cached pages and attributes are stale. The notifications go out from a
+        thread of their own, and the loop waits for them only briefly: an invalidation can wait
+        on a page lock held by a read that only this loop can answer.
         """
         lib = mfusepy._libfuse
         lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         fuse_ptr = ctypes.c_void_p(lib.fuse_get_context().contents.fuse)
 
         def run() -> None:
-            while (paths := self._queue.get()) is not None:
+            while (item := self._queue.get()) is not None:
+                paths, done = item
                 for p in paths:
                     lib.fuse_invalidate_path(fuse_ptr, os.fsencode("/" + p))
+                done.set()
 
         threading.Thread(target=run, name="cowfs-invalidate", daemon=True).start()
-        self.fs.notify = self._queue.put
+        self.fs.notify = self._invalidate
+
+    def _invalidate(self, paths: list[str]) -> None:
+        done = threading.Event()
+        self._queue.put((paths, done))
+        done.wait(INVALIDATE_WAIT)
 
     @staticmethod
     def _owner() -> Owner:
         uid, gid, _ = mfusepy.fuse_get_context()
         return Owner(uid, gid)
 
-    def getattr(self, path: str | None, fi: Any = None) -> dict[str, int]:
-        if fi is not None:
-            return self.fs.fgetattr(fi.fh)
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        if fh is not None:
+            return self.fs.fgetattr(fh)
         return self.fs.getattr(_path(path))
 
+    def opendir(self, path: str) -> int:
+        fh = next(self._dir_ids)
+        self._dirs[fh] = []
+        return fh
+
+    def listing(self, path: str | None, fh: int, offset: int) -> list[tuple[str, dict]]:
+        """A directory's entries, read once per opendir (offset 0 again: rewinddir)."""
+        if offset == 0 or fh not in self._dirs:
+            self._dirs[fh] = self.fs.readdir(_path(path))
+        return self._dirs[fh]
+
+    def releasedir(self, path: str | None, fh: int) -> int:
+        self._dirs.pop(fh, None)
+        return 0
+
     def readdir(self, path: str, fh: int = 0) -> list[tuple[str, dict[str, int]]]:
-        return self.fs.readdir(_path(path))
+        return self.fs.readdir(_path(path))  # registers the callback; see readdir_fuse_3
 
     def readlink(self, path: str) -> str:
         return self.fs.readlink(_path(path))
@@ -207,9 +267,6 @@ class Operations(mfusepy.Operations):
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         self.fs.truncate(None if path is None else _path(path), length, fh)
-        return 0
-
-    def flush(self, path: str | None, fi: Any) -> int:
         return 0
 
     def release(self, path: str | None, fi: Any) -> int:

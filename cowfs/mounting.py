@@ -179,7 +179,8 @@ def _daemon_main(spec: dict[str, Any]) -> int:
     try:
         serve(fs, spec["mountpoint"], fsname=spec.get("fsname", "cowfs"),
               read_only=spec["read_only"], threads=spec.get("threads", False),
-              writeback=spec.get("writeback", False), on_ready=ready)  # fmt: skip
+              writeback=spec.get("writeback", False), debug=spec.get("debug", False),
+              on_ready=ready)  # fmt: skip
     except CowfsError as exc:
         _tell(ready_fd, f"error {exc.message}")
         return 2

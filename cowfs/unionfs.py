@@ -463,7 +463,7 @@ class UnionFS:
         return ino
 
     def _dir_nlink(self, path: str, in_upper: bool) -> int:
-        if not in_upper and not self._up:
+        if not in_upper:  # a lower-only dir has nothing of the upper below it
             return self.idx.nlink[path]
         prefix = path + "/" if path else ""
         n = 2
