@@ -416,8 +416,7 @@ def fake_registry() -> Iterator[FakeRegistry]:
             path = self.path.split("?")[0]
             log.append((self.command, self.path, self.headers.get("Authorization")))
             length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
+            self.body = self.rfile.read(length) if length else b""
             route = routes.get((self.command, path))
             if route is None and self.command == "HEAD":
                 route = routes.get(("GET", path))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -306,3 +308,55 @@ def test_expired_token_is_renewed(tmp_path: Path) -> None:
         res = pull(Store(tmp_path / "store"), f"{fake.host}/app:v1", jobs=1)
         assert res.downloaded == 2
         assert issued == ["tok-1", "tok-2"]
+
+
+def test_credential_helpers(
+    docker_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-fake"
+    helper.write_text(
+        "#!/bin/sh\nread host\n"
+        'if [ "$host" = "helped.example" ]; then\n'
+        '  echo \'{"ServerURL": "helped.example", "Username": "hu", "Secret": "hs"}\'\n'
+        "else echo 'credentials not found in native keychain'; exit 1; fi\n"
+    )
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    docker_config.write_text(json.dumps({"credHelpers": {"helped.example": "fake"}}))
+    assert auth.lookup("helped.example") == auth.Credentials("hu", "hs")
+    assert auth.lookup("other.example") is None
+    docker_config.write_text(json.dumps({"credsStore": "fake"}))
+    assert auth.lookup("helped.example") == auth.Credentials("hu", "hs")
+    assert auth.lookup("other.example") is None
+    docker_config.write_text(json.dumps({"credHelpers": {"x.example": "missing"}}))
+    with pytest.raises(AuthError, match="docker-credential-missing is not installed"):
+        auth.lookup("x.example")
+
+
+def test_identity_token_uses_refresh_grant(tmp_path: Path) -> None:
+    img = OciImage([Layer({"a": b"1"})]).build()
+    forms: list[dict] = []
+    with fake_registry() as fake:
+        realm = f"http://{fake.host}/token"
+
+        def token(h) -> tuple[int, dict[str, str], bytes]:
+            forms.append(urllib.parse.parse_qs(h.body.decode()))
+            return 200, {}, b'{"access_token": "from-refresh"}'
+
+        def challenge(h):
+            if h.headers.get("Authorization") == "Bearer from-refresh":
+                return 200, {}, b"{}"
+            return 401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="svc"'}, b""
+
+        fake.routes[("POST", "/token")] = token
+        fake.routes[("GET", "/v2/")] = challenge
+        fake.serve_image("app", "v1", img)
+        cfg = tmp_path / "auth.json"
+        cfg.write_text(json.dumps({"auths": {fake.host: {"identitytoken": "rt-123"}}}))
+        pull(Store(tmp_path / "store"), f"{fake.host}/app:v1", authfile=str(cfg))
+    assert forms[0]["grant_type"] == ["refresh_token"]
+    assert forms[0]["refresh_token"] == ["rt-123"]
+    assert forms[0]["service"] == ["svc"]
+    assert forms[0]["scope"] == ["repository:app:pull"]
