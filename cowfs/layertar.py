@@ -56,6 +56,7 @@ import zstandard
 
 from cowfs import pathsafe
 from cowfs.errors import CowfsError, DigestMismatch, InvalidInput, UnsafePath
+from cowfs.tarstream import TarMember, TarReader
 from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, Toc, parents
 
 WHITEOUT_PREFIX = ".wh."
@@ -109,6 +110,7 @@ class _HashingReader(io.RawIOBase):
         self.budget = budget
         self.what = what
         self.progress = progress
+        self.observe: Callable[[bytes], None] | None = None
 
     def readable(self) -> bool:
         return True
@@ -137,6 +139,8 @@ class _HashingReader(io.RawIOBase):
             )
         if self.progress is not None:
             self.progress(len(data))
+        if self.observe is not None:
+            self.observe(data)
 
     def drain(self) -> None:
         while self.read(_CHUNK):
@@ -187,6 +191,87 @@ class _Peekable(io.RawIOBase):
         data = self.read(len(buf))
         buf[: len(data)] = data
         return len(data)
+
+
+class ZstdFrameCheck:
+    """Follows the zstd frame structure over the compressed bytes, block header by block header.
+
+    python-zstandard's readers end quietly when the input stops inside a frame, so a truncated
+    zstd layer would read as a shorter tar; this tells a stream that ends at a frame boundary
+    from one cut short. It looks at headers only and skips block bodies arithmetically.
+    """
+
+    _ZSTD = 0xFD2FB528
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.state = "magic"
+        self.pending = b""
+        self.skip = 0
+        self.then = "magic"
+        self.checksum = False
+        self._rest = 0
+
+    def _need(self) -> int:
+        return {"magic": 4, "fhd": 1, "block": 3, "skipsize": 4}.get(self.state, self._rest)
+
+    def feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.skip:
+                k = min(self.skip, end - pos)
+                self.skip -= k
+                pos += k
+                if not self.skip:
+                    self.state = self.then
+                    if self.state == "sum":  # the frame's content checksum follows
+                        self._skip(4, "magic")
+                continue
+            want = self._need() - len(self.pending)
+            self.pending += data[pos : pos + want]
+            pos += min(want, end - pos)
+            if len(self.pending) == self._need():
+                header, self.pending = self.pending, b""
+                self._parse(header)
+
+    def _skip(self, n: int, then: str) -> None:
+        self.skip, self.then = n, then
+        if not n:
+            self.state = then
+
+    def _parse(self, h: bytes) -> None:
+        if self.state == "magic":
+            magic = int.from_bytes(h, "little")
+            if magic == self._ZSTD:
+                self.frames += 1
+                self.state = "fhd"
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self.state = "skipsize"
+            else:
+                raise InvalidInput("damaged or truncated archive (data after the zstd frames)")
+        elif self.state == "fhd":
+            d = h[0]
+            fcs, single, did = d >> 6, (d >> 5) & 1, d & 3
+            self.checksum = bool(d & 4)
+            self._rest = (0 if single else 1) + (0, 1, 2, 4)[did] + (single, 2, 4, 8)[fcs]
+            self.state = "rest" if self._rest else "block"
+        elif self.state == "rest":
+            self.state = "block"
+        elif self.state == "block":
+            b = int.from_bytes(h, "little")
+            last, kind, size = b & 1, (b >> 1) & 3, b >> 3
+            if kind == 3:
+                raise InvalidInput("damaged or truncated archive (bad zstd block)")
+            body = 1 if kind == 1 else size
+            after = "block" if not last else ("sum" if self.checksum else "magic")
+            self._skip(body, after)
+            if self.state == "sum":
+                self._skip(4, "magic")
+        elif self.state == "skipsize":
+            self._skip(int.from_bytes(h, "little"), "magic")
+
+    def complete(self) -> bool:
+        return self.frames > 0 and self.state == "magic" and not self.pending and not self.skip
 
 
 def _decompressor(raw: BinaryIO, compression: str | None) -> BinaryIO:
@@ -286,7 +371,7 @@ class _LayerReader:
         self.next_link = 1
 
     # The one function that knows what a tar entry means.
-    def apply(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def apply(self, tar: TarReader, m: TarMember) -> None:
         path = pathsafe.clean(m.name)
         name = path.rpartition("/")[2]
         if name.startswith(WHITEOUT_PREFIX):
@@ -327,7 +412,7 @@ class _LayerReader:
                 raise UnsafePath(f"parent {p!r} is a symlink (writing through it could escape)")
             raise InvalidInput(f"parent {p!r} is not a directory")
 
-    def _entry(self, path: str, m: tarfile.TarInfo) -> Entry:
+    def _entry(self, path: str, m: TarMember) -> Entry:
         if m.isreg():  # includes contiguous files and sparse files
             kind = REG
         elif m.isdir():
@@ -356,7 +441,7 @@ class _LayerReader:
             entry.rdev = os.makedev(m.devmajor, m.devminor)
         return entry
 
-    def _content(self, tar: tarfile.TarFile, m: tarfile.TarInfo, entry: Entry) -> None:
+    def _content(self, tar: TarReader, m: TarMember, entry: Entry) -> None:
         size = m.size
         if size < 0 or self.expanded + size > self.budget:
             raise InvalidInput(
@@ -364,13 +449,11 @@ class _LayerReader:
                 "(decompression bomb?)"
             )
         self.expanded += size
-        f = tar.extractfile(m)
-        assert f is not None  # a regular file always has a file object
-        counted = _ExactReader(f, size)
+        counted = _ExactReader(tar.open(m), size)  # type: ignore[arg-type]
         self.lb.add(entry, counted)  # streams into the object store; sets digest and size
         counted.check()
 
-    def _hardlink(self, path: str, m: tarfile.TarInfo) -> None:
+    def _hardlink(self, path: str, m: TarMember) -> None:
         target = pathsafe.clean_link(m.linkname, entry=path)
         if target == path:
             if path in self.toc.entries:
@@ -455,7 +538,7 @@ class _ExactReader(io.RawIOBase):
             raise InvalidInput(f"truncated content ({self.count} of {self.size} bytes)")
 
 
-def _times(m: tarfile.TarInfo) -> tuple[int, int, int]:
+def _times(m: TarMember) -> tuple[int, int, int]:
     pax = m.pax_headers
     mtime = _ns(pax.get("mtime")) if "mtime" in pax else int(m.mtime) * 1_000_000_000
     atime = _ns(pax["atime"]) if "atime" in pax else mtime
@@ -470,7 +553,7 @@ def _ns(value: str) -> int:
         raise InvalidInput(f"bad PAX time {value!r}") from None
 
 
-def _xattrs(m: tarfile.TarInfo) -> dict[str, bytes] | None:
+def _xattrs(m: TarMember) -> dict[str, bytes] | None:
     out: dict[str, bytes] = {}
     for key, value in m.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
@@ -496,6 +579,9 @@ def read_layer(
     compression = detect_compression(head)
     # An uncompressed blob is its own diff: hash it once, as the diff.
     raw = _HashingReader(f, None, what, progress, hashing=compression is not None)
+    frames = ZstdFrameCheck() if compression == "zstd" else None
+    if frames is not None:
+        raw.observe = frames.feed
     if compression is not None:
         raw._account(head)
     elif progress is not None:
@@ -511,24 +597,31 @@ def read_layer(
         stream = _Prefetcher(stream)
     diff = _HashingReader(stream, budget, what)
     state = _LayerReader(lb, limits.budget(blob_size or 0), what)
-    member: tarfile.TarInfo | None = None
+    where = ""
     try:
-        # A small stream buffer: tarfile's stream mode copies what is left of its buffer on
-        # every read, so 1 MiB buffers made each 512-byte header read cost a 1 MiB copy.
-        with tarfile.open(fileobj=diff, mode="r|", bufsize=_TAR_BUF, encoding="utf-8",
-                          errors="surrogateescape") as tar:  # fmt: skip
-            for member in tar:
-                state.apply(tar, member)
-            member = None
-            diff.drain()
+        reader = TarReader(diff)  # type: ignore[arg-type]
+        members = iter(reader)
+        last = None
+        while True:
+            where = f" after {last.name!r}" if last is not None else ""
+            member = next(members, None)
+            if member is None:
+                break
+            where = f" at {member.name!r}"
+            state.apply(reader, member)
+            last = member
+        where = ""
+        reader.drain()
         raw.drain()
+        if frames is not None and not frames.complete():
+            raise InvalidInput("damaged or truncated archive (zstd stream ends inside a frame)")
+        if last is None and not reader.ended:
+            raise InvalidInput("empty archive")
         toc = state.finish()
     except CowfsError as exc:
-        at = f" at {member.name!r}" if member is not None else ""
-        raise type(exc)(f"{what}{at}: {exc.message}") from None
-    except (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
-        at = f" at {member.name!r}" if member is not None else ""
-        raise InvalidInput(f"{what}{at}: damaged or truncated archive ({_why(exc)})") from None
+        raise type(exc)(f"{what}{where}: {exc.message}") from None
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+        raise InvalidInput(f"{what}{where}: damaged or truncated archive ({_why(exc)})") from None
     finally:
         if isinstance(stream, _Prefetcher):
             stream.close()
