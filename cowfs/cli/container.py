@@ -18,6 +18,21 @@ def _runtime(ctx: click.Context):
     return Runtime(Store(ctx.obj["root"]))
 
 
+def _exit_now(code: int) -> None:
+    """End an attached run/exec at once with the container's code. Skipping the interpreter's
+    teardown (every module and object freed) is ~10% of a short container's start-to-exit.
+    Only with real stdio: under click's CliRunner the normal exit path is kept."""
+    import os
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout.fileno()
+    except Exception:  # noqa: BLE001 - io.UnsupportedOperation and friends: not a real file
+        return
+    os._exit(code)
+
+
 def _ago(t: float | None) -> str:
     if not t:
         return ""
@@ -74,6 +89,7 @@ def run(ctx: click.Context, name, auto_remove, detach, interactive, tty, env, wo
     if detach:
         click.echo(state.id)
         return 0
+    _exit_now(code)
     ctx.exit(code)
 
 
@@ -195,6 +211,7 @@ def exec_(ctx: click.Context, interactive, tty, env, workdir, user, container, c
     rt = _runtime(ctx)
     code = rt.exec(container, list(command), tty=tty, interactive=interactive, env=list(env),
                    workdir=workdir, user=user)  # fmt: skip
+    _exit_now(code)
     ctx.exit(code)
 
 
