@@ -100,6 +100,24 @@ class _Zeros(io.RawIOBase):
         return bytes(n)
 
 
+def zst_plain(data: bytes) -> bytes:
+    """zstd without a content checksum: only the frame structure tells a cut stream."""
+    return zstandard.ZstdCompressor(level=3).compress(data)
+
+
+def raw_header(typ: bytes, size: int) -> bytes:
+    """A lone ustar header of type `typ` claiming `size` bytes of data."""
+    h = bytearray(512)
+    h[0:4] = b"name"
+    h[100:108] = b"0000644\0"
+    h[124:136] = f"{size:011o}\0".encode()
+    h[156:157] = typ
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b" " * 8
+    h[148:156] = f"{sum(h):06o}\0 ".encode()
+    return bytes(h) + bytes(1024)
+
+
 def gz(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=9, mtime=0)
 
@@ -197,6 +215,13 @@ ROWS = [
     Row("truncated zstd", lambda: zst(GOOD)[:-8], InvalidInput, "truncated"),
     Row("corrupt zstd", lambda: flip(zst(tar(f("a", os.urandom(50_000))))), InvalidInput,
         "damaged"),
+    Row("truncated zstd, no checksum", lambda: zst_plain(GOOD)[:-3], InvalidInput,
+        "truncated"),
+    Row("zstd cut mid-stream", lambda: zst_plain(tar(f("a", os.urandom(200_000)),
+                                                     f("b", b"b" * 100_000)))[:150_000],
+        InvalidInput, "truncated"),  # fmt: skip
+    Row("pax header bomb", lambda: raw_header(b"x", 1 << 32), InvalidInput, "pax header of"),
+    Row("long name bomb", lambda: raw_header(b"L", 1 << 32), InvalidInput, "long name of"),
     Row("gzip bomb", lambda: gz(zeros_tar(64 * MiB)()), InvalidInput, "decompression bomb",
         limits=SMALL),
     Row("zstd bomb", lambda: zst(zeros_tar(64 * MiB)()), InvalidInput, "decompression bomb",
