@@ -423,7 +423,10 @@ def fake_registry() -> Iterator[FakeRegistry]:
             if route is None:
                 status, headers, body = 404, {}, _NOT_FOUND
             elif callable(route):
-                status, headers, body = route(self)
+                answer = route(self)
+                if answer is None:  # the route wrote its own answer
+                    return
+                status, headers, body = answer
             else:
                 status, headers, body = route
             self.send_response(status)

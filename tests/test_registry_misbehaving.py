@@ -4,8 +4,10 @@ half-written (layers, images, tags and tmp/ as they were)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,3 +267,43 @@ def test_broken_download_resumes_with_range(fake: FakeRegistry, tmp_path: Path) 
     res = pull(store, f"{fake.host}/app:v1")
     assert calls == [None, f"bytes={half}-", f"bytes={half}-"]
     assert res.downloaded == 2 and list(store.tmp.iterdir()) == []
+
+
+def test_ctrl_c_during_a_stalled_download(fake: FakeRegistry, tmp_path: Path) -> None:
+    """SIGINT while a blob hangs mid-transfer: the CLI stops now, exit 130, nothing left."""
+    img = image()
+    fake.serve_image("app", "v1", img)
+    blob = img.layers[0].blob
+    started, release = threading.Event(), threading.Event()
+
+    def stall(h) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(blob)))
+        h.end_headers()
+        h.wfile.write(blob[:10])
+        h.wfile.flush()
+        started.set()
+        release.wait(60)  # until the test is over
+        h.close_connection = True
+
+    fake.routes[("GET", f"/v2/app/blobs/{sha(blob)}")] = stall
+    root = tmp_path / "s"
+    proc = subprocess.Popen(
+        [*COWFS, "--root", str(root), "pull", f"{fake.host}/app:v1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert started.wait(60)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # a safety net, not a speed check
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    store = Store(root)
+    assert state(store) == ([], {}, [])
+    only_complete_layers(store, img)

@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import io
 import json
+import socket
 import ssl
 import threading
 import time
@@ -40,9 +41,16 @@ Progress = Callable[[int], None]
 class Response:
     """One HTTP response; closing it early drops its connection (leftover bytes would poison it)."""
 
-    def __init__(self, transport: Transport, key: tuple[str, str], resp: http.client.HTTPResponse):
+    def __init__(
+        self,
+        transport: Transport,
+        key: tuple[str, str],
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+    ) -> None:
         self._transport = transport
         self._key = key
+        self._conn = conn
         self._resp = resp
         self.status = resp.status
         self.headers = resp.headers
@@ -60,6 +68,15 @@ class Response:
 
     def _resp_url(self) -> str:
         return f"{self._key[0]}://{self._key[1]}"
+
+    def abort(self) -> None:
+        """Unblock a read in another thread (Ctrl-C during a download): shut the socket."""
+        sock = self._conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         if not self._resp.isclosed():
@@ -130,7 +147,7 @@ class Transport:
             except BaseException:
                 self.drop(key)
                 raise
-            return Response(self, key, resp)
+            return Response(self, key, conn, resp)
         raise AssertionError("unreachable")
 
 
@@ -163,6 +180,7 @@ class RegistryClient:
         self.transport = Transport(insecure=insecure, timeout=timeout)
         self._base: str | None = None
         self._lock = threading.Lock()
+        self._active: set[Response] = set()  # blob downloads in flight, for abort()
 
     @classmethod
     def for_reference(
@@ -174,6 +192,13 @@ class RegistryClient:
             allow_http=ref.is_local,
             credentials=lookup(ref.registry, authfile),
         )
+
+    def abort(self) -> None:
+        """Break off the blob downloads in flight; their threads see an error at once."""
+        with self._lock:
+            active = list(self._active)
+        for resp in active:
+            resp.abort()
 
     def add_scope(self, repository: str, actions: str) -> None:
         self.auth.add_scope(f"repository:{repository}:{actions}")
@@ -404,6 +429,8 @@ class RegistryClient:
                 self._fetch_blob_once(repository, desc, out, state, progress, cancel)
                 break
             except TransferError as exc:
+                if cancel is not None and cancel.is_set():
+                    raise RegistryError(f"download of blob {name} cancelled") from None
                 if attempt == RETRIES - 1:
                     raise TransferError(f"{exc.message} (after {RETRIES} attempts)") from None
                 time.sleep(BACKOFF * 2**attempt)
@@ -431,6 +458,8 @@ class RegistryClient:
             ok=(200, 206),
             what=f"blob {name}",
         )
+        with self._lock:
+            self._active.add(resp)
         try:
             if resp.status == 200 and state.size:
                 # The registry ignored the Range: start over.
@@ -468,6 +497,8 @@ class RegistryClient:
                     )
                 state.add(chunk, out, progress)
         finally:
+            with self._lock:
+                self._active.discard(resp)
             resp.close()
 
     def fetch_blob_bytes(self, repository: str, desc: mf.Descriptor, limit: int) -> bytes:

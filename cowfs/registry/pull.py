@@ -196,6 +196,7 @@ def _fetch_layers(
         cancel.set()
         for fut in futures:
             fut.cancel()
+        client.abort()  # a worker blocked on a stalled socket would hold up Ctrl-C
         raise
     finally:
         pool.shutdown(wait=True)
