@@ -83,7 +83,9 @@ class HostDir:
 
     def xattr_path(self, fd: int, name: str) -> str:
         """A path for the *xattr calls, which have no dir_fd form."""
-        return f"/proc/self/fd/{fd}" if name == "." else f"/proc/self/fd/{fd}/{name}"
+        # "/proc/self/fd/N" alone is the magic link itself (follow_symlinks=False acts on it,
+        # ENOTSUP); "/proc/self/fd/N/." is the directory.
+        return f"/proc/self/fd/{fd}/{name}"
 
     # -- the calls the union filesystem needs ------------------------------------------------
 
