@@ -241,6 +241,11 @@ class Runtime:
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
+                # Keep none of the caller's descriptors: a pipe held open here would make
+                # whoever reads the CLI's output wait for the container's end.
+                os.closerange(3, w)
+                os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
+                os.chdir("/")
                 self._supervise(sd, attached=False, ready_fd=w)
             except CowfsError as exc:
                 with contextlib.suppress(OSError):
