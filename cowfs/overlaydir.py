@@ -31,6 +31,7 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 USER_OPAQUE_XATTR = "user.overlay.opaque"
 # Xattrs that describe the layering itself, not the file: never copied into a layer.
 BOOKKEEPING_PREFIXES = ("trusted.overlay.", "user.overlay.", "trusted.cowfs.", "user.cowfs.")
+_ESCAPED = ("trusted.overlay.overlay.", "user.overlay.overlay.")
 # Overlayfs features that change what the upper means; a scan that ignored them would be wrong.
 _UNSUPPORTED = ("trusted.overlay.redirect", "trusted.overlay.metacopy")
 
@@ -44,6 +45,16 @@ def is_whiteout(st: os.stat_result) -> bool:
 
 def is_bookkeeping(name: str) -> bool:
     return name.startswith(BOOKKEEPING_PREFIXES)
+
+
+def user_xattr(name: str) -> str | None:
+    """What a stored xattr name means to users: None for bookkeeping; an escaped name
+    (overlayfs 6.7+ stores a user's `trusted.overlay.X` as `trusted.overlay.overlay.X`) is
+    unescaped."""
+    for escaped in _ESCAPED:
+        if name.startswith(escaped):
+            return escaped.removesuffix("overlay.") + name[len(escaped) :]
+    return None if is_bookkeeping(name) else name
 
 
 def make_whiteout(dir_fd: int, name: str) -> None:
@@ -178,7 +189,7 @@ class _Scanner:
         if e.kind == DIR and b"y" in (xattrs.get(OPAQUE_XATTR), xattrs.get(USER_OPAQUE_XATTR)):
             self.toc.opaque.add(e.path)
         if not self.keep_bookkeeping:
-            xattrs = {k: v for k, v in xattrs.items() if not is_bookkeeping(k)}
+            xattrs = {user_xattr(k): v for k, v in xattrs.items() if user_xattr(k) is not None}
         e.xattrs = xattrs or None
 
     def scan(self, root: str) -> Toc:

@@ -149,3 +149,14 @@ def test_root_xattrs_and_opaque_root(tmp_path: Path) -> None:
     toc = overlaydir.scan(tmp_path)
     assert toc.entries[""].xattrs == {"user.root": b"r"}
     assert toc.entries["f"].xattrs is None
+
+
+def test_escaped_overlay_xattrs_are_unescaped(tmp_path: Path) -> None:
+    need_root()
+    (tmp_path / "f").write_bytes(b"")
+    # overlayfs (6.7+) and cowfs store a user's trusted.overlay.X as trusted.overlay.overlay.X
+    os.setxattr(tmp_path / "f", "trusted.overlay.overlay.mine", b"1")
+    os.setxattr(tmp_path / "f", "trusted.overlay.origin", b"bookkeeping")
+    assert overlaydir.scan(tmp_path).entries["f"].xattrs == {"trusted.overlay.mine": b"1"}
+    kept = overlaydir.scan(tmp_path, keep_bookkeeping=True).entries["f"].xattrs
+    assert kept is not None and "trusted.overlay.origin" in kept
