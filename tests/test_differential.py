@@ -39,7 +39,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from cowfs import overlaydir
 from cowfs.toc import DIR, Entry, Toc
-from tests.conftest import need, need_fuse, need_tool
+from tests.conftest import need_fuse, need_tool
 
 T0 = 1_600_000_000 * 10**9  # fixed, old mtimes: anything newer was changed during the test
 
@@ -190,14 +190,12 @@ def mount_kernel(base: Path, lowers: list[Path]) -> Side:
 
 def mount_cowfs(base: Path, lowers: list[Path]) -> Side:
     need_fuse()
-    need(os.path.exists("/sbin/mount.fuse.cowfs"), "needs the mount.fuse.cowfs helper (make setup)")
+    from cowfs import mounting
+
     mnt, upper, work = _prepare(base, "cowfs")
-    lowerdir = ":".join(map(str, lowers))
-    opts = f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
-    _run(["mount", "-t", "fuse.cowfs", "cowfs", "-o", opts, str(mnt)])
-    cowfs = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "cowfs")
-    umount = _umounter(mnt, [cowfs, "umount", str(mnt)])
-    return Side("cowfs", str(mnt), str(upper), str(work), umount)
+    # (the library call `mount -t fuse.cowfs ... -o lowerdir=` runs through its helper)
+    mounting.mount_dirs([str(p) for p in lowers], mnt, upper, work)
+    return Side("cowfs", str(mnt), str(upper), str(work), lambda: mounting.umount(mnt))
 
 
 def mount_fuse_overlayfs(base: Path, lowers: list[Path]) -> Side:
