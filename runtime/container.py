@@ -23,12 +23,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cowfs.errors import AlreadyExists, ContainerError, CowfsError, InUse, InvalidInput, NotFound
 from cowfs.store import Store
 from runtime import channel, init, monitor, namespaces, process, rootfs
 from runtime.cgroups import Cgroup
+from runtime.mounter import CowfsMounter, Mounter, is_mounted
 from runtime.spec import ContainerSpec, RunOptions, build, merge_env, parse_env
 from runtime.state import State, StateDir, Status
 from runtime.syscalls import Syscalls
@@ -41,94 +42,6 @@ def _phase(name: str) -> None:
     stderr (the benchmark subtracts its own start time)."""
     if _TRACE:
         print(f"cowfs-trace {time.time():.4f} {name}", file=_sys.stderr)
-
-
-class Mounter(Protocol):
-    def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
-              read_only: bool = False) -> Any: ...  # fmt: skip
-
-    def umount(self, mountpoint: str) -> None: ...
-
-
-class CowfsMounter:
-    """cowfs.mounting, with the daemon forked from this process instead of started as a new
-    interpreter: the imports are paid once, which is most of a container's start-up time.
-
-    The child serves the mount in the foreground (mounting.mount(foreground=True)); we learn
-    the mount is live from /proc/self/mountinfo, which polls readable (POLLPRI) whenever the
-    mount table changes, and that the daemon failed from its pidfd. Nobody sleeps.
-    """
-
-    def __init__(self) -> None:
-        self._daemons: dict[str, int] = {}
-
-    def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
-              read_only: bool = False) -> Any:  # fmt: skip
-        import select
-
-        import cowfs.fuse  # noqa: F401 - imported before the fork, so the daemon starts warm
-        from cowfs import mounting
-        from cowfs.errors import MountError
-
-        mountpoint = os.path.abspath(mountpoint)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        table = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - closed below
-        pid = os.fork()
-        if pid == 0:
-            code = 2
-            try:
-                os.setsid()  # terminal signals to the caller must not take the mount down
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
-                # hold no descriptor of the caller's: a pipe kept open here would hang readers
-                os.closerange(3, err_w)
-                os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
-                os.chdir("/")
-                mounting.mount(store, ref, mountpoint, upper=upper, work=work,
-                               read_only=read_only, foreground=True)  # fmt: skip
-                code = 0
-            except CowfsError as exc:
-                os.write(err_w, exc.message.encode())
-            except BaseException as exc:  # noqa: BLE001 - a forked daemon must never unwind
-                os.write(err_w, repr(exc).encode())
-            os._exit(code)
-        os.close(err_w)
-        pidfd = os.pidfd_open(pid)
-        try:
-            while not is_mounted(mountpoint):
-                ready, _, changed = select.select([pidfd], [], [table], 30)
-                if pidfd in ready:
-                    os.waitpid(pid, 0)
-                    message = os.read(err_r, 4096).decode(errors="replace") or "daemon exited"
-                    raise MountError(f"cannot mount {mountpoint}: {message}")
-                if not ready and not changed and not is_mounted(mountpoint):
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    raise MountError(f"cannot mount {mountpoint}: the daemon did not start")
-                table.seek(0)
-                table.read()  # re-arm the mount-table notification
-        finally:
-            table.close()
-            os.close(pidfd)
-            os.close(err_r)
-        self._daemons[mountpoint] = pid
-        return pid
-
-    def umount(self, mountpoint: str) -> None:
-        from cowfs import mounting
-
-        mountpoint = os.path.abspath(mountpoint)
-        mounting.umount(mountpoint)
-        pid = self._daemons.pop(mountpoint, None)
-        if pid is not None:
-            os.waitpid(pid, 0)  # the daemon exits once unmounted: nothing is left running
-
-
-def is_mounted(path: str | os.PathLike) -> bool:
-    path = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4].replace("\\040", " ") == path for line in f)
 
 
 def _signal_number(sig: str | int) -> int:
@@ -631,15 +544,6 @@ class Runtime:
                     path = os.path.join(dirpath, name)
                     arc = os.path.relpath(path, root)
                     tf.add(path, arcname=arc, recursive=False)
-
-    def commit(self, ref: str, tag: str, config_changes: dict | None = None) -> str:
-        """A new image: the container's image plus its upper directory as one more layer."""
-        from cowfs.commit import commit_upper
-
-        sd = self.find(ref)
-        state = sd.load()
-        return commit_upper(self.store, state.image_id, str(sd.upper), tag,
-                            config_changes=config_changes)  # fmt: skip
 
     def bundle(self, ref: str, directory: str | os.PathLike) -> Path:
         """An OCI runtime bundle (config.json) whose root is the container's cowfs mount; the
