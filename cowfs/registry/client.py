@@ -126,10 +126,16 @@ class Transport:
             if conn is None:
                 if parts.scheme == "https":
                     conn = http.client.HTTPSConnection(
-                        parts.netloc, timeout=self.timeout, context=self.ssl_context
+                        parts.netloc,
+                        timeout=self.timeout,
+                        context=self.ssl_context,
+                        blocksize=CHUNK,
                     )
                 elif parts.scheme == "http":
-                    conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+                    # Uploads are sent in blocks of this size (8 KiB by default: slow).
+                    conn = http.client.HTTPConnection(
+                        parts.netloc, timeout=self.timeout, blocksize=CHUNK
+                    )
                 else:
                     raise RegistryError(f"unsupported URL {url}")
                 pool[key] = conn
