@@ -278,6 +278,19 @@ def test_cgroup_on_a_fake_tree(tmp_path: Path) -> None:
         cgroups.Cgroup({}).create(Limits(pids=3))
 
 
+def test_cgroup_v2_on_a_fake_tree(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.subtree_control").write_text("memory\n")
+    d = tmp_path / "c"
+    cg = cgroups.Cgroup({"memory": ("v2", str(d)), "pids": ("v2", str(d)), "cpu": ("v2", str(d))})
+    cg.create(Limits(memory=8 << 20, pids=7, cpus=1.5))
+    # memory was enabled already; pids and cpu are handed down by the parent
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu"
+    assert (d / "memory.max").read_text() == str(8 << 20)
+    assert (d / "pids.max").read_text() == "7"
+    assert (d / "cpu.max").read_text() == "150000 100000"
+    assert cg.unique_dirs() == [str(d)]
+
+
 # -- state machine --------------------------------------------------------------------------------
 
 
