@@ -98,6 +98,7 @@ def import_once(blob: Path, work: Path, name: str) -> dict[str, Any]:
     if root.exists():
         shutil.rmtree(root)
     store = Store(root)
+    load = os.getloadavg()[0]  # wall clock means little when the machine is busy
     r0 = resource.getrusage(resource.RUSAGE_SELF)  # the store's worker threads count too
     t0 = time.perf_counter()
     layer_id = import_layer(store, blob)
@@ -107,7 +108,7 @@ def import_once(blob: Path, work: Path, name: str) -> dict[str, Any]:
     alloc, apparent = disk_usage(root / "objects", root / "layers")
     toc = store.load_toc(layer_id)
     return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
-            "load_before": os.getloadavg()[0], "store_bytes": alloc,
+            "load_before": load, "store_bytes": alloc,
             "store_apparent_bytes": apparent,
             "objects": sum(1 for _ in store.objects), "toc_entries": len(toc)}  # fmt: skip
 
