@@ -350,7 +350,8 @@ def chart_svg(doc: dict) -> str:
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<text x="10" y="20" font-size="15" font-weight="bold">cowfs benchmark — median '
-        f"seconds, lower is better ({escape(doc['created'])}, {doc['runs']} runs)</text>",
+        f"seconds, lower is better ({escape(doc['created'])}, {doc['runs']} run"
+        f"{'s' if doc['runs'] != 1 else ''})</text>",
     ]
     x = 10
     for s in systems:
