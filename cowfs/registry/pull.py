@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from cowfs.errors import InvalidInput, NotFound, RegistryError
+from cowfs.errors import DigestMismatch, InvalidInput, NotFound, RegistryError
 from cowfs.registry import manifest as mf
 from cowfs.registry.cache import RegistryCache
 from cowfs.registry.client import RegistryClient
@@ -71,11 +71,13 @@ def pull(
 
     body, ctype, digest = client.get_manifest(r.repository, r.reference)
     doc = mf.parse(body, ctype)
+    index_digest = None
     if isinstance(doc, mf.Index):
+        index_digest = digest
         desc = mf.select_platform(doc, want)
         body, ctype, digest = client.get_manifest(r.repository, desc.digest)
         if len(body) != desc.size:
-            raise RegistryError(
+            raise DigestMismatch(
                 f"{where}: manifest {mf.short(desc.digest)} is {len(body)} bytes, "
                 f"the index says {desc.size}"
             )
@@ -100,12 +102,7 @@ def pull(
     layer_ids: list[str | None] = []
     missing: dict[str, tuple[mf.Descriptor, str]] = {}
     for desc, diff_id in zip(manifest.layers, diff_ids, strict=True):
-        have = store.layer_by_digest(desc.digest)
-        if have is None:
-            have = store.layer_by_digest(diff_id)
-            if have is not None:
-                # The same tar, compressed differently: remember this blob as well.
-                store.update_layer_meta(have, blobs={desc.digest: desc.media_type})
+        have = store.layer_by_digest(desc.digest) or store.layer_by_digest(diff_id)
         layer_ids.append(have)
         if have is None:
             missing.setdefault(desc.digest, (desc, diff_id))
@@ -118,11 +115,20 @@ def pull(
     cache = RegistryCache(store.cache_dir)
     repo = f"{r.registry}/{r.repository}"
     for desc, diff_id, layer_id in zip(manifest.layers, diff_ids, layer_ids, strict=True):
-        cache.add_blob(desc.digest, layer=layer_id, diff_id=diff_id, size=desc.size,
-                       media_type=desc.media_type, repo=repo)  # fmt: skip
+        # Only what was verified goes into the cache: a registry must not be able to tie a
+        # blob it never sent to a layer of ours (that would poison later pulls and pushes).
+        meta = store.layer_meta(layer_id)
+        if desc.digest in fetched or (desc.digest in meta.blobs and meta.diff_id == diff_id):
+            cache.add_blob(desc.digest, layer=layer_id, diff_id=diff_id, size=desc.size,
+                           media_type=desc.media_type, repo=repo)  # fmt: skip
+        else:
+            cache.add_repo(desc.digest, repo)  # only if known already
     tag = r.local_tag
     image_id = store.add_image(layer_ids, config, tags=[tag] if tag else [])
     cache.add_manifest(r.registry, r.repository, digest, image_id)
+    if index_digest and not platform:
+        # What ensure_image() finds a pull by the index's digest under (default platform only).
+        cache.add_manifest(r.registry, r.repository, index_digest, image_id)
     cache.save()
     return PullResult(
         image_id=image_id,
