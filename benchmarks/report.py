@@ -184,7 +184,8 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
         f"`{doc['command']}` — {doc['created']}, profile **{doc['profile']['name']}**, "
         f"{doc['runs']} run(s) per system, interleaved; the whole suite took "
         f"{doc['duration_s'] / 60:.1f} min. Raw samples: [{rel['json']}]({rel['json']}); "
-        f"chart: [{rel['chart']}]({rel['chart']}).",
+        f"chart: [{rel['chart']}]({rel['chart']}). Reproduce with `make bench` as root (it "
+        "builds the data once: debootstrap needs the Debian mirror apt uses).",
         "",
         "## Machine",
         "",
@@ -230,11 +231,17 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
             row += f" | {_ratio_cell(e, 'fuse-overlayfs', cowfs)}"
         lines.append(row + " |")
     if doc.get("targets"):
+        caveat = (
+            ["", "Quick profile: tiny data and one run, so these verdicts mean nothing."]
+            if doc["profile"]["name"] == "quick"
+            else []
+        )
         lines += [
             "",
             "## Targets",
+            *caveat,
             "",
-            "| target | metric | cowfs variant | ratio | met |",
+            "| target | metric | cowfs variant | measured | met |",
             "| --- | --- | --- | ---: | --- |",
         ]
         for t in doc["targets"]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from cowfs.errors import CowfsError
 
 Log = Callable[[str], None]
 SCHEMA = "cowfs-bench/1"
+SAMPLE_TIMEOUT = 900.0  # seconds; the slowest sample of the full suite takes about two minutes
 
 
 def run_suite(
@@ -125,6 +127,11 @@ def run_suite(
 
 def _one_sample(ctx: Context, w: Workload, s: System, r: int, metrics: dict, log: Log) -> None:
     run_dir = ctx.work / f"{w.name}.{s.name}.{r}"
+    # A FUSE daemon that stops answering would hang this process in the kernel for good; past the
+    # limit, aborting the connection makes every pending call fail with ENOTCONN instead.
+    watchdog = threading.Timer(SAMPLE_TIMEOUT, _abort_fuse_under, [run_dir, log])
+    watchdog.daemon = True
+    watchdog.start()
     try:
         sample = w.measure(ctx, s, run_dir)
     except (CowfsError, OSError, subprocess.SubprocessError) as exc:
@@ -134,12 +141,30 @@ def _one_sample(ctx: Context, w: Workload, s: System, r: int, metrics: dict, log
         log(f"run {r + 1} {w.name:22} {s.name:15} ERROR {msg}")
         return
     finally:
+        watchdog.cancel()
         _remove_run_dir(run_dir)
     for key, seconds in sample.values.items():
         metrics[key]["samples"].setdefault(s.name, []).append(round(seconds, 6))
         if sample.notes:
             metrics[key]["notes"].setdefault(s.name, []).append(sample.notes)
         log(f"run {r + 1} {key:22} {s.name:15} {seconds:9.3f} s")
+
+
+def _abort_fuse_under(run_dir: Path, log: Log) -> None:
+    """Abort the FUSE connection of every FUSE mount below run_dir (a hung sample's)."""
+    base = str(run_dir) + "/"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            fstype = parts[parts.index("-") + 1]
+            if parts[4].startswith(base) and fstype.startswith("fuse"):
+                minor = parts[2].split(":")[1]
+                log(f"sample exceeded {SAMPLE_TIMEOUT:.0f} s: aborting FUSE connection {minor}")
+                try:
+                    with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as ab:
+                        ab.write("1")
+                except OSError:
+                    pass
 
 
 def _summarize(entry: dict) -> None:
