@@ -530,7 +530,11 @@ class ImportStore(Workload):
         from benchmarks import import_store
 
         tree = ctx.ds.tree
-        trees = sorted(str(p) for p in tree.iterdir() if p.is_dir() and p.name != BENCH_DIR)
+        trees = sorted(
+            str(p)
+            for p in tree.iterdir()
+            if p.is_dir() and not p.is_symlink() and p.name != BENCH_DIR  # usrmerge: bin -> usr/bin
+        )
         max_mb = 1 + ctx.ds.bytes // 1_000_000  # the whole rootfs
         work = ctx.work / "import"
         work.mkdir(parents=True, exist_ok=True)
