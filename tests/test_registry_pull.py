@@ -226,3 +226,25 @@ def test_image_for_mount_and_run_pulls_once(registry: Registry, tmp_path: Path) 
     assert store.resolve(ref).id == image_id
     assert image_for(store, ref) == ref  # now local: no registry needed
     assert image_for(store, image_id[:12]) == image_id[:12]
+
+
+def test_pull_docker_schema2(registry: Registry, tmp_path: Path) -> None:
+    img = two_layer_image()
+    layout = img.write_layout(tmp_path / "layout")
+    skopeo_copy(
+        f"oci:{layout}:latest",
+        f"docker://{registry.host}/dock:v2",
+        "--format",
+        "v2s2",
+        "--dest-tls-verify=false",
+    )
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/dock:v2"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert json.loads(raw)["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    store = Store(tmp_path / "store")
+    res = pull(store, f"{registry.host}/dock:v2")
+    assert tree(store, res.image_id) == expected_tree()
