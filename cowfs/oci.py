@@ -46,6 +46,7 @@ MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
 LAYOUT_VERSION = "1.0.0"
 MAX_JSON = 16 << 20  # manifests, indexes and configs are small; refuse to buffer more
 
@@ -247,6 +248,9 @@ def _import_oci(store: Store, source: _Source, selector: str | None, tag: str | 
                 store, f, media_type=ldesc.get("mediaType"), expect_digest=digest,
                 expect_diff_id=diff_id, progress=progress, blob_size=size,
             ))  # fmt: skip
+    full_name = (desc.get("annotations") or {}).get(CONTAINERD_NAME)
+    if tag is None and full_name:  # docker save (25+) writes an OCI layout naming the image so
+        tag = familiar(full_name)
     if tag is None and ref_name:
         tag = _tag_from_ref_name(ref_name, default_name)
     return store.add_image(layer_ids, config, tags=[tag] if tag else [])
