@@ -37,6 +37,9 @@ class CowfsMounter:
               read_only: bool = False) -> Any:  # fmt: skip
         import select
 
+        # The library find_library("fuse3") would return, named directly: find_library runs
+        # `ldconfig -p` in a subprocess, 10-80 ms of every container start here.
+        os.environ.setdefault("FUSE_LIBRARY_PATH", "libfuse3.so.3")
         import cowfs.fuse  # noqa: F401 - imported before the fork, so the daemon starts warm
         from cowfs import mounting
         from cowfs.errors import MountError
