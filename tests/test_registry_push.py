@@ -236,3 +236,46 @@ def test_image_listing_a_layer_twice(registry: Registry, tmp_path: Path) -> None
     res = push(store, twice, f"{registry.host}/twice:v1")
     assert (res.layers, res.uploaded) == (2, 1)
     assert len(skopeo_inspect(registry, "twice:v1")["Layers"]) == 2
+
+
+def test_chunked_upload_protocol(tmp_path: Path) -> None:
+    """PATCH chunks with Content-Range, following each new Location, then PUT ?digest=."""
+    from cowfs.registry.client import RegistryClient
+
+    data = os.urandom(250_000)
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    got = bytearray()
+    ranges = []
+    with fake_registry() as fake:
+
+        def patch(h):
+            ranges.append((h.path, h.headers["Content-Range"]))
+            got.extend(h.body)
+            return 202, {"Location": f"/v2/app/blobs/uploads/u{len(ranges) + 1}"}, b""
+
+        fake.routes[("POST", "/v2/app/blobs/uploads/")] = (
+            202,
+            {"Location": "/v2/app/blobs/uploads/u1"},
+            b"",
+        )
+        for i in range(1, 5):
+            fake.routes[("PATCH", f"/v2/app/blobs/uploads/u{i}")] = patch
+        fake.routes[("PUT", "/v2/app/blobs/uploads/u5")] = (
+            201,
+            {"Docker-Content-Digest": digest},
+            b"",
+        )
+        RegistryClient(fake.host, allow_http=True).upload_blob(
+            "app", blob, digest, len(data), chunk_size=64 << 10
+        )
+        put = [p for m, p, _ in fake.log if m == "PUT"]
+    assert bytes(got) == data
+    assert ranges == [
+        ("/v2/app/blobs/uploads/u1", "0-65535"),
+        ("/v2/app/blobs/uploads/u2", "65536-131071"),
+        ("/v2/app/blobs/uploads/u3", "131072-196607"),
+        ("/v2/app/blobs/uploads/u4", "196608-249999"),
+    ]
+    assert put == [f"/v2/app/blobs/uploads/u5?digest={digest.replace(':', '%3A')}"]
