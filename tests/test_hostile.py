@@ -201,6 +201,12 @@ ROWS = [
     Row("opaque in a file", lambda: tar(f("a"), f("a/.wh..wh..opq", b"")), InvalidInput,
         "not a directory"),
     Row("plain whiteout", lambda: tar(f(".wh.x", b"")), None, check=_ws_read),
+    Row("pax path escaping", lambda: tar((_pax("../../canary/pwned"), b"x")), UnsafePath,
+        "escapes"),
+    Row("gnu long name escaping", lambda: _gnu(f("../" * 60 + "canary/pwned")), UnsafePath,
+        "escapes"),
+    Row("gnu long link escaping", lambda: _gnu(f("a"), hard("h", "../" * 60 + "etc/shadow")),
+        UnsafePath, "hard-link target"),
     Row("NUL in name", lambda: tar((_pax("a\0b"), b"x")), UnsafePath, "NUL"),
     Row("component too long", lambda: tar(f("x" * 256)), UnsafePath, "longer than 255"),
     Row("device nodes", lambda: tar(d("dev"), (ti("dev/sda", tarfile.BLKTYPE, devmajor=8),
@@ -233,6 +239,17 @@ ROWS = [
     Row("size beyond the blob", lambda: tar((ti("a", size=MiB), None))[:2048], InvalidInput,
         "truncated"),
 ]  # fmt: skip
+
+
+def _gnu(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    """GNU format: names over 100 bytes travel in ././@LongLink entries."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
 
 
 def _pax(name: str) -> tarfile.TarInfo:
