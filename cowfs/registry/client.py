@@ -314,9 +314,11 @@ class RegistryClient:
         base = self.base()
         url = path if "://" in path else base + path
         start = body.tell() if hasattr(body, "tell") else None  # type: ignore[union-attr]
+        # Credentials go to the registry only, not to an upload URL on another host.
+        ours = urllib.parse.urlsplit(url).netloc == self.host
         for attempt in range(3):
             hdrs = dict(headers or {})
-            sent = self.auth.header()
+            sent = self.auth.header() if ours else None
             if sent:
                 hdrs["Authorization"] = sent
             resp = self._send_following(method, url, hdrs, body)
