@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cowfs.errors import AlreadyExists, ContainerError, CowfsError, InUse, InvalidInput, NotFound
-from cowfs.store import Store
+from cowfs.store import Image, Store
 from runtime import channel, init, monitor, namespaces, process, rootfs
 from runtime.cgroups import Cgroup
 from runtime.mounter import CowfsMounter, Mounter, is_mounted
@@ -56,6 +56,8 @@ def _signal_number(sig: str | int) -> int:
 
 
 class Runtime:
+    """The container verbs over one store. `sys` and `mounter` are replaceable for tests."""
+
     def __init__(self, store: Store, *, sys: Syscalls | None = None,
                  mounter: Mounter | None = None) -> None:  # fmt: skip
         self.store = store
@@ -94,7 +96,7 @@ class Runtime:
 
     # -- create / run / start ------------------------------------------------------------------
 
-    def _image(self, ref: str):  # noqa: ANN202 - cowfs.store.Image
+    def _image(self, ref: str) -> Image:
         """The store's image; a reference naming a registry host is pulled when missing
         (as docker run does). Plain names never go to the network."""
         try:
