@@ -41,9 +41,7 @@ import gzip
 import hashlib
 import io
 import os
-import queue
 import tarfile
-import threading
 import zlib
 from base64 import b64decode
 from collections.abc import Callable
@@ -55,6 +53,16 @@ from urllib.parse import unquote
 import zstandard
 
 from cowfs import pathsafe
+from cowfs.blobstream import (
+    HashingReader,
+    Peekable,
+    Prefetcher,
+    Progress,
+    ZstdFrameCheck,
+    decompressor,
+    detect_compression,
+    human,
+)
 from cowfs.errors import CowfsError, DigestMismatch, InvalidInput, UnsafePath
 from cowfs.tarstream import TarMember, TarReader
 from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, Toc, parents
@@ -67,12 +75,8 @@ MEDIA_GZIP = MEDIA_TAR + "+gzip"
 MEDIA_ZSTD = MEDIA_TAR + "+zstd"
 MEDIA_BY_COMPRESSION = {None: MEDIA_TAR, "gzip": MEDIA_GZIP, "zstd": MEDIA_ZSTD}
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20
-_TAR_BUF = 64 << 10
 
-Progress = Callable[[int], None]  # called with the number of blob bytes just consumed
 
 
 @dataclass(frozen=True)
@@ -97,266 +101,6 @@ class BlobInfo(NamedTuple):
 
 
 # -- import --------------------------------------------------------------------------------------
-
-
-class _HashingReader(io.RawIOBase):
-    """Reads through `f`, hashing and counting; refuses to go past `budget` bytes."""
-
-    def __init__(self, f: BinaryIO, budget: int | None, what: str,
-                 progress: Progress | None = None, hashing: bool = True) -> None:  # fmt: skip
-        self.f = f
-        self.sha = hashlib.sha256() if hashing else None
-        self.count = 0
-        self.budget = budget
-        self.what = what
-        self.progress = progress
-        self.observe: Callable[[bytes], None] | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:  # buf: a writable buffer
-        data = self.f.read(len(buf))
-        n = len(data)
-        buf[:n] = data
-        if n:
-            self._account(data)
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        if data:
-            self._account(data)
-        return data
-
-    def _account(self, data: bytes) -> None:
-        if self.sha is not None:
-            self.sha.update(data)
-        self.count += len(data)
-        if self.budget is not None and self.count > self.budget:
-            raise InvalidInput(
-                f"{self.what} expands beyond {_human(self.budget)} (decompression bomb?)"
-            )
-        if self.progress is not None:
-            self.progress(len(data))
-        if self.observe is not None:
-            self.observe(data)
-
-    def drain(self) -> None:
-        while self.read(_CHUNK):
-            pass
-
-    def digest(self) -> str:
-        assert self.sha is not None
-        return "sha256:" + self.sha.hexdigest()
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.0f} TiB"
-
-
-def detect_compression(head: bytes) -> str | None:
-    if head.startswith(_GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(_ZSTD_MAGIC):
-        return "zstd"
-    return None
-
-
-class _Peekable(io.RawIOBase):
-    """A stream with its first bytes put back, so magic can be sniffed without seeking."""
-
-    def __init__(self, head: bytes, f: BinaryIO) -> None:
-        self.head = head
-        self.f = f
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if self.head:
-            if size < 0 or size >= len(self.head):
-                data, self.head = self.head, b""
-                rest = self.f.read(-1 if size < 0 else size - len(data))
-                return data + rest
-            data, self.head = self.head[:size], self.head[size:]
-            return data
-        return self.f.read(size)
-
-    def readinto(self, buf) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
-
-
-class ZstdFrameCheck:
-    """Follows the zstd frame structure over the compressed bytes, block header by block header.
-
-    python-zstandard's readers end quietly when the input stops inside a frame, so a truncated
-    zstd layer would read as a shorter tar; this tells a stream that ends at a frame boundary
-    from one cut short. It looks at headers only and skips block bodies arithmetically.
-    """
-
-    _ZSTD = 0xFD2FB528
-
-    def __init__(self) -> None:
-        self.frames = 0
-        self.state = "magic"
-        self.pending = b""
-        self.skip = 0
-        self.then = "magic"
-        self.checksum = False
-        self._rest = 0
-
-    def _need(self) -> int:
-        return {"magic": 4, "fhd": 1, "block": 3, "skipsize": 4}.get(self.state, self._rest)
-
-    def feed(self, data: bytes) -> None:
-        pos, end = 0, len(data)
-        while pos < end:
-            if self.skip:
-                k = min(self.skip, end - pos)
-                self.skip -= k
-                pos += k
-                if not self.skip:
-                    self.state = self.then
-                    if self.state == "sum":  # the frame's content checksum follows
-                        self._skip(4, "magic")
-                continue
-            want = self._need() - len(self.pending)
-            self.pending += data[pos : pos + want]
-            pos += min(want, end - pos)
-            if len(self.pending) == self._need():
-                header, self.pending = self.pending, b""
-                self._parse(header)
-
-    def _skip(self, n: int, then: str) -> None:
-        self.skip, self.then = n, then
-        if not n:
-            self.state = then
-
-    def _parse(self, h: bytes) -> None:
-        if self.state == "magic":
-            magic = int.from_bytes(h, "little")
-            if magic == self._ZSTD:
-                self.frames += 1
-                self.state = "fhd"
-            elif magic & 0xFFFFFFF0 == 0x184D2A50:
-                self.state = "skipsize"
-            else:
-                raise InvalidInput("damaged or truncated archive (data after the zstd frames)")
-        elif self.state == "fhd":
-            d = h[0]
-            fcs, single, did = d >> 6, (d >> 5) & 1, d & 3
-            self.checksum = bool(d & 4)
-            self._rest = (0 if single else 1) + (0, 1, 2, 4)[did] + (single, 2, 4, 8)[fcs]
-            self.state = "rest" if self._rest else "block"
-        elif self.state == "rest":
-            self.state = "block"
-        elif self.state == "block":
-            b = int.from_bytes(h, "little")
-            last, kind, size = b & 1, (b >> 1) & 3, b >> 3
-            if kind == 3:
-                raise InvalidInput("damaged or truncated archive (bad zstd block)")
-            body = 1 if kind == 1 else size
-            after = "block" if not last else ("sum" if self.checksum else "magic")
-            self._skip(body, after)
-            if self.state == "sum":
-                self._skip(4, "magic")
-        elif self.state == "skipsize":
-            self._skip(int.from_bytes(h, "little"), "magic")
-
-    def complete(self) -> bool:
-        return self.frames > 0 and self.state == "magic" and not self.pending and not self.skip
-
-
-def _decompressor(raw: BinaryIO, compression: str | None) -> BinaryIO:
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-    return raw
-
-
-class _Prefetcher(io.RawIOBase):
-    """Reads `src` on a thread, a chunk ahead: inflating (zlib and zstd drop the GIL) and hashing
-    the blob overlap with parsing the tar on the caller's thread. Errors of the reading thread
-    are raised by read(); close() stops the thread (it never outlives the import)."""
-
-    _STOP = object()
-
-    def __init__(self, src: BinaryIO, chunk: int = _CHUNK, depth: int = 4) -> None:
-        self.src = src
-        self.chunk = chunk
-        self.q: queue.Queue = queue.Queue(depth)
-        self.stopped = threading.Event()
-        self.buf = memoryview(b"")
-        self.eof = False
-        self.thread = threading.Thread(target=self._run, name="cowfs-layer-read", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self.stopped.is_set():
-                data = self.src.read(self.chunk)
-                if not self._put(data) or not data:
-                    return
-        except BaseException as exc:  # handed to the reader, raised there
-            self._put(exc)
-
-    def _put(self, item: object) -> bool:
-        while not self.stopped.is_set():
-            try:
-                self.q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def readable(self) -> bool:
-        return True
-
-    def _fill(self) -> None:
-        item = self.q.get()
-        if isinstance(item, BaseException):
-            self.eof = True
-            raise item
-        if not item:
-            self.eof = True
-        self.buf = memoryview(item)
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            parts = [bytes(self.buf)]
-            self.buf = memoryview(b"")
-            while not self.eof:
-                self._fill()
-                parts.append(bytes(self.buf))
-                self.buf = memoryview(b"")
-            return b"".join(parts)
-        if not self.buf and not self.eof:
-            self._fill()
-        data = bytes(self.buf[:size])
-        self.buf = self.buf[size:]
-        return data
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self.stopped.set()
-        while self.thread.is_alive():
-            try:  # unblock a put() that waits for room
-                self.q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        super().close()
 
 
 class _LayerReader:
@@ -445,7 +189,7 @@ class _LayerReader:
         size = m.size
         if size < 0 or self.expanded + size > self.budget:
             raise InvalidInput(
-                f"size {size} goes beyond the import budget of {_human(self.budget)} "
+                f"size {size} goes beyond the import budget of {human(self.budget)} "
                 "(decompression bomb?)"
             )
         self.expanded += size
@@ -578,7 +322,7 @@ def read_layer(
     head = f.read(4)
     compression = detect_compression(head)
     # An uncompressed blob is its own diff: hash it once, as the diff.
-    raw = _HashingReader(f, None, what, progress, hashing=compression is not None)
+    raw = HashingReader(f, None, what, progress, hashing=compression is not None)
     frames = ZstdFrameCheck() if compression == "zstd" else None
     if frames is not None:
         raw.observe = frames.feed
@@ -592,10 +336,10 @@ def read_layer(
         if blob_size is None:
             raise InvalidInput(f"{what}: compressed blob of unknown size")
         budget = limits.budget(blob_size)
-    stream = _decompressor(_Peekable(head, raw), compression)  # type: ignore[arg-type]
+    stream = decompressor(Peekable(head, raw), compression)  # type: ignore[arg-type]
     if compression is not None:
-        stream = _Prefetcher(stream)
-    diff = _HashingReader(stream, budget, what)
+        stream = Prefetcher(stream)
+    diff = HashingReader(stream, budget, what)
     state = _LayerReader(lb, limits.budget(blob_size or 0), what)
     where = ""
     try:
@@ -623,7 +367,7 @@ def read_layer(
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
         raise InvalidInput(f"{what}{where}: damaged or truncated archive ({_why(exc)})") from None
     finally:
-        if isinstance(stream, _Prefetcher):
+        if isinstance(stream, Prefetcher):
             stream.close()
     blob_digest = raw.digest() if compression is not None else diff.digest()
     return toc, blob_digest, diff.digest(), compression

@@ -29,12 +29,12 @@ import json
 import os
 import shutil
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from cowfs import layertar
 from cowfs.atomic import write_atomic
+from cowfs.blobstream import Progress
 from cowfs.errors import DigestMismatch, InvalidInput, NotFound
 from cowfs.rootfs import host_architecture
 from cowfs.store import Image, Store, normalize_ref
@@ -50,7 +50,6 @@ CONTAINERD_NAME = "io.containerd.image.name"
 LAYOUT_VERSION = "1.0.0"
 MAX_JSON = 16 << 20  # manifests, indexes and configs are small; refuse to buffer more
 
-Progress = Callable[[int], None]
 
 
 # -- sources ---------------------------------------------------------------------------------

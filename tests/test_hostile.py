@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cowfs import layertar, oci
+from cowfs import blobstream, layertar, oci
 from cowfs.errors import InvalidInput, UnsafePath
 from cowfs.store import Store
 from cowfs.toc import BLK, CHR, REG, Toc
@@ -312,7 +312,7 @@ def _layout(base: Path, layers: list[bytes]) -> Path:
     for blob in layers:
         descs.append({"mediaType": layertar.MEDIA_TAR, **put(blob)})
         try:
-            raw = layertar._decompressor(io.BytesIO(blob), layertar.detect_compression(blob))
+            raw = blobstream.decompressor(io.BytesIO(blob), blobstream.detect_compression(blob))
             diff_ids.append("sha256:" + hashlib.sha256(raw.read()).hexdigest())
         except Exception:
             diff_ids.append("sha256:" + hashlib.sha256(blob).hexdigest())  # damaged anyway
