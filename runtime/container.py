@@ -196,8 +196,9 @@ class Runtime:
             if not state.can_start():
                 raise ContainerError(f"container {state.name} is already running")
             if not is_mounted(sd.rootfs):
-                self.mounter.mount(self.store, state.image_id, str(sd.rootfs),
-                                   upper=str(sd.upper), work=str(sd.work))  # fmt: skip
+                daemon = self.mounter.mount(self.store, state.image_id, str(sd.rootfs),
+                                            upper=str(sd.upper), work=str(sd.work))  # fmt: skip
+                state.daemon_pid = daemon if isinstance(daemon, int) else 0
             state.mounted = True
             _phase("mounted")
             for name, text in rootfs.etc_files(spec.hostname, spec.network).items():
@@ -319,6 +320,7 @@ class Runtime:
         if is_mounted(sd.rootfs):
             self.mounter.umount(str(sd.rootfs))
         state.mounted = False
+        state.daemon_pid = 0
 
     # -- signals and removal ---------------------------------------------------------------
 
@@ -513,7 +515,7 @@ class Runtime:
             "GraphDriver": {
                 "Name": "cowfs",
                 "Data": {"UpperDir": str(sd.upper), "WorkDir": str(sd.work),
-                         "MergedDir": str(sd.rootfs)},  # fmt: skip
+                         "MergedDir": str(sd.rootfs), "DaemonPid": s.daemon_pid},  # fmt: skip
             },
             "Cgroups": s.cgroups,
             "LogPath": str(sd.log),

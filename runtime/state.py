@@ -65,6 +65,7 @@ class State:
     auto_remove: bool = False
     cgroups: dict[str, list[str]] = field(default_factory=dict)  # controller -> [version, dir]
     mounted: bool = False  # its rootfs is mounted at rootfs/ (running, or bundle)
+    daemon_pid: int = 0  # the FUSE daemon serving rootfs/ (outside its namespaces and cgroup)
 
     # -- the state machine -----------------------------------------------------------------
 

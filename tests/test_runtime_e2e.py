@@ -140,6 +140,14 @@ def test_lifecycle_exec_start_keeps_upper_and_rm_leaves_nothing(cowfs: Cowfs) ->
     info = inspect(cowfs, name)
     assert info["Id"] == cid and info["State"]["Running"]
     host_pid = info["State"]["Pid"]
+    # the FUSE daemon serves from outside the container's namespaces and cgroups
+    daemon = info["GraphDriver"]["Data"]["DaemonPid"]
+    assert daemon > 0 and daemon != host_pid
+    for ns in ("pid", "mnt", "net"):
+        assert os.readlink(f"/proc/{daemon}/ns/{ns}") != os.readlink(f"/proc/{host_pid}/ns/{ns}")
+        assert os.readlink(f"/proc/{daemon}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}")
+    assert f"cowfs-{cid[:12]}" not in Path(f"/proc/{daemon}/cgroup").read_text()
+    assert f"cowfs-{cid[:12]}" in Path(f"/proc/{host_pid}/cgroup").read_text()
     # exec: same namespaces (sees sleep, the hostname, the env) and same cgroup
     proc = cowfs("exec", name, "sh", "-c",
                  'ps -o comm | grep -c sleep; hostname; echo $GREETING; cat /proc/self/cgroup')
