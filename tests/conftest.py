@@ -6,11 +6,15 @@ skips the test with the reason; under CI=true it fails, because CI's own set-up 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,3 +91,49 @@ def busybox_image(store_root: Path, busybox_rootfs_dir: Path) -> tuple[Path, str
 
     import_rootfs(Store(store_root), busybox_rootfs_dir, "busybox:latest")
     return store_root, "busybox:latest"
+
+
+@contextlib.contextmanager
+def cowfs_mounted(store: Any, ref: str, base: Path, *, threads: bool = False,
+                  read_only: bool = False) -> Iterator[tuple[Path, int]]:  # fmt: skip
+    """Mount image `ref` of `store` at base/mnt with upper base/upper and work base/work (kept
+    across mounts, so a test can remount); yields (mountpoint, daemon pid). On the way out the
+    mount is unmounted, or, if its daemon died or hangs, detached and the daemon killed by pid."""
+    from cowfs import mounting
+
+    mnt, upper, work = base / "mnt", base / "upper", base / "work"
+    for d in (mnt, upper, work):
+        d.mkdir(parents=True, exist_ok=True)
+    pid = mounting.mount(store, ref, mnt, upper, work, read_only, threads=threads)
+    try:
+        yield mnt, pid
+    finally:
+        unmount_or_kill(mnt, pid)
+
+
+def unmount_or_kill(mnt: Path, pid: int) -> None:
+    """Unmount `mnt` served by daemon `pid`; a dead or stuck daemon is killed and the mount
+    detached (fusermount3 -u -z), so that no test leaves a mount or a process behind."""
+    from cowfs import mounting
+
+    alive = True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        alive = False
+    if alive and mounting.is_mounted(mnt):
+        try:
+            subprocess.run([sys.executable, "-c", "import sys; from cowfs import mounting; "
+                            "mounting.umount(sys.argv[1])", str(mnt)],
+                           timeout=60, capture_output=True)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if mounting.is_mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    proc = mounting._DAEMONS.pop(pid, None)
+    if proc is not None:
+        proc.wait()
