@@ -30,6 +30,7 @@ from cowfs.store import Image, Store
 from runtime import channel, init, monitor, namespaces, process, rootfs
 from runtime.cgroups import Cgroup
 from runtime.mounter import CowfsMounter, Mounter, is_mounted
+from runtime.proctitle import set_title
 from runtime.spec import ContainerSpec, RunOptions, build, merge_env, parse_env
 from runtime.state import State, StateDir, Status
 from runtime.syscalls import Syscalls
@@ -161,6 +162,7 @@ class Runtime:
                 os.closerange(3, w)
                 os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
                 os.chdir("/")
+                set_title(f"cowfs-monitor {sd.id[:12]}")
                 self._supervise(sd, attached=False, ready_fd=w)
             except CowfsError as exc:
                 with contextlib.suppress(OSError):

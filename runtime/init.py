@@ -23,6 +23,7 @@ from typing import NoReturn
 from runtime import capabilities, namespaces, rootfs, users
 from runtime import syscalls as sc
 from runtime.channel import send
+from runtime.proctitle import set_title
 from runtime.spec import ContainerSpec
 from runtime.syscalls import Syscalls
 
@@ -153,6 +154,7 @@ def container_init(
     sys: Syscalls, spec: ContainerSpec, root: str, etc_dir: str, chan: socket.socket,
 ) -> NoReturn:
     try:
+        set_title("cowfs-init")
         prepare_root(sys, spec, root, etc_dir)
         user = users.resolve(spec.user, _read_text("/etc/passwd"), _read_text("/etc/group"))
         os.makedirs(spec.cwd, exist_ok=True)  # docker creates a missing WorkingDir

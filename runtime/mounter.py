@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from cowfs.errors import CowfsError
 from cowfs.store import Store
+from runtime.proctitle import set_title
 
 
 class Mounter(Protocol):
@@ -59,6 +60,7 @@ class CowfsMounter:
                 os.closerange(3, err_w)
                 os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
                 os.chdir("/")
+                set_title(f"cowfs-fuse {mountpoint}")
                 mounting.mount(store, ref, mountpoint, upper=upper, work=work,
                                read_only=read_only, foreground=True)  # fmt: skip
                 code = 0

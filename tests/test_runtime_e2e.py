@@ -86,7 +86,7 @@ echo "host=$(hostname) hosts=$(grep -c isolated /etc/hosts)"
 echo "nets=$(ls /sys/class/net | tr '\n' ,)"
 ip link show lo | grep -q ',UP' && echo lo=up || echo lo=down
 ls /dev | tr '\n' ,; echo
-echo "pid1=$(cat /proc/1/comm)"
+echo "pid1=$(tr "\\0" " " < /proc/1/cmdline)"
 """
 
 
@@ -112,6 +112,7 @@ def test_isolation(cowfs: Cowfs, tmp_path: Path) -> None:
     assert {"null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm", "mqueue",
             "fd", "stdin", "stdout", "stderr"} <= devs  # fmt: skip
     assert not devs & {"sda", "mem", "kmsg", "fuse"}
+    assert out["pid1"] == "cowfs-init"  # not the host's command line, with its paths
 
 
 def test_pid1_reaps_zombies_and_forwards_signals(cowfs: Cowfs) -> None:
