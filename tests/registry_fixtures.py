@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import need_tool
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -140,6 +142,28 @@ def run_registry(
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(name="registry")
+def registry_fixture(tmp_path: Path) -> Iterator[Registry]:
+    """docker-registry over plain HTTP on 127.0.0.1. Import `registry_fixture` into a test
+    module to use the fixture `registry` (likewise tls_registry, auth_registry)."""
+    with run_registry(tmp_path / "registry") as reg:
+        yield reg
+
+
+@pytest.fixture(name="tls_registry")
+def tls_registry_fixture(tmp_path: Path) -> Iterator[Registry]:
+    """docker-registry over HTTPS with a self-signed certificate (reg.cert)."""
+    with run_registry(tmp_path / "tls-registry", tls=True) as reg:
+        yield reg
+
+
+@pytest.fixture(name="auth_registry")
+def auth_registry_fixture(tmp_path: Path) -> Iterator[Registry]:
+    """docker-registry wanting htpasswd basic auth (reg.user, reg.password, reg.authfile())."""
+    with run_registry(tmp_path / "auth-registry", htpasswd=True) as reg:
+        yield reg
 
 
 def _wait_ready(proc: subprocess.Popen, reg: Registry, log: Path) -> None:

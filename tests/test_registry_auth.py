@@ -23,10 +23,13 @@ from cowfs.store import Store
 from tests.registry_fixtures import (
     Layer,
     OciImage,
+    Registry,
+    auth_registry_fixture,  # noqa: F401 - the fixture auth_registry
     fake_registry,
     run_registry,
     run_token_service,
     sha,
+    tls_registry_fixture,  # noqa: F401 - the fixture tls_registry
 )
 
 COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
@@ -108,32 +111,34 @@ def test_parse_challenge() -> None:
 # -- htpasswd (Basic) against the real registry -------------------------------------------------
 
 
-def test_basic_auth_with_real_registry(tmp_path: Path, docker_config: Path) -> None:
-    with run_registry(tmp_path / "registry", htpasswd=True) as reg:
-        store = Store(tmp_path / "store")
-        import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
-        with pytest.raises(AuthError, match="no credentials found"):
-            pull(store, f"{reg.host}/app:v1")
-        bad = reg.authfile(tmp_path / "bad.json", password="wrong")
-        with pytest.raises(AuthError, match="rejected"):
-            pull(store, f"{reg.host}/app:v1", authfile=str(bad))
-        good = reg.authfile(tmp_path / "good.json")
-        push(store, "src:v1", f"{reg.host}/app:v1", authfile=str(good))
-        # $DOCKER_CONFIG/config.json is read without --authfile.
-        reg.authfile(docker_config)
-        res = pull(Store(tmp_path / "fresh"), f"{reg.host}/app:v1")
-        assert res.downloaded == 1
+def test_basic_auth_with_real_registry(
+    auth_registry: Registry, tmp_path: Path, docker_config: Path
+) -> None:
+    reg = auth_registry
+    store = Store(tmp_path / "store")
+    import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
+    with pytest.raises(AuthError, match="no credentials found"):
+        pull(store, f"{reg.host}/app:v1")
+    bad = reg.authfile(tmp_path / "bad.json", password="wrong")
+    with pytest.raises(AuthError, match="rejected"):
+        pull(store, f"{reg.host}/app:v1", authfile=str(bad))
+    good = reg.authfile(tmp_path / "good.json")
+    push(store, "src:v1", f"{reg.host}/app:v1", authfile=str(good))
+    # $DOCKER_CONFIG/config.json is read without --authfile.
+    reg.authfile(docker_config)
+    res = pull(Store(tmp_path / "fresh"), f"{reg.host}/app:v1")
+    assert res.downloaded == 1
 
-        # The CLI says it in one line, with a non-zero exit.
-        docker_config.unlink()
-        proc = subprocess.run(
-            [*COWFS, "--root", str(tmp_path / "cli"), "pull", f"{reg.host}/app:v1"],
-            capture_output=True,
-            text=True,
-        )
-        assert proc.returncode == AuthError.exit_code
-        assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
-        assert "authentication required" in proc.stderr
+    # The CLI says it in one line, with a non-zero exit.
+    docker_config.unlink()
+    proc = subprocess.run(
+        [*COWFS, "--root", str(tmp_path / "cli"), "pull", f"{reg.host}/app:v1"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == AuthError.exit_code
+    assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "authentication required" in proc.stderr
 
 
 def _tree(root: Path) -> Path:
@@ -145,17 +150,19 @@ def _tree(root: Path) -> Path:
 # -- TLS with a self-signed certificate ---------------------------------------------------------
 
 
-def test_tls_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with run_registry(tmp_path / "registry", tls=True) as reg:
-        assert reg.cert is not None
-        store = Store(tmp_path / "store")
-        import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
-        with pytest.raises(RegistryError, match="certificate not trusted.*--insecure"):
-            push(store, "src:v1", f"{reg.host}/app:v1")
-        push(store, "src:v1", f"{reg.host}/app:v1", insecure=True)
-        monkeypatch.setenv("SSL_CERT_FILE", str(reg.cert))
-        res = pull(Store(tmp_path / "fresh"), f"{reg.host}/app:v1")
-        assert res.downloaded == 1
+def test_tls_registry(
+    tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = tls_registry
+    assert reg.cert is not None
+    store = Store(tmp_path / "store")
+    import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
+    with pytest.raises(RegistryError, match="certificate not trusted.*--insecure"):
+        push(store, "src:v1", f"{reg.host}/app:v1")
+    push(store, "src:v1", f"{reg.host}/app:v1", insecure=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(reg.cert))
+    res = pull(Store(tmp_path / "fresh"), f"{reg.host}/app:v1")
+    assert res.downloaded == 1
 
 
 # -- Bearer tokens (a token service in front of a fake registry) --------------------------------

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from tests.registry_fixtures import (
     Layer,
     OciImage,
     Registry,
-    run_registry,
+    registry_fixture,  # noqa: F401 - the fixture registry
     skopeo_copy,
     skopeo_to_registry,
 )
@@ -40,12 +39,6 @@ FILES_B = {
     "etc/.wh.gone": b"",
     "data.bin": bytes(range(256)) * 64,
 }
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    with run_registry(tmp_path / "registry") as reg:
-        yield reg
 
 
 def remote_digest(reg: Registry, name: str) -> str:

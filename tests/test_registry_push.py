@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,14 @@ from cowfs.registry.push import push
 from cowfs.rootfs import import_rootfs
 from cowfs.store import Store
 from tests.conftest import need_root, need_tool
-from tests.registry_fixtures import Registry, fake_registry, run_registry, skopeo_copy
+from tests.registry_fixtures import (
+    Registry,
+    fake_registry,
+    registry_fixture,  # noqa: F401 - the fixture registry
+    skopeo_copy,
+)
 
 COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    with run_registry(tmp_path / "registry") as reg:
-        yield reg
 
 
 def make_tree(root: Path) -> Path:
