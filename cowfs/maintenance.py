@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -25,10 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cowfs.errors import CowfsError
+from cowfs.index import INDEX_VERSION
 from cowfs.store import Store
 from cowfs.toc import REG, Toc
 
 DEFAULT_GRACE = 600.0  # seconds
+# Merged indexes cached per image by mounting.py: cache/index-<image id>-v<format>.
+_INDEX_CACHE = re.compile(r"index-([0-9a-f]{64})-v(\d+)")
 
 
 @dataclass
@@ -155,12 +159,14 @@ class GcReport:
     objects: int = 0
     bytes_freed: int = 0
     tmp_entries: int = 0
+    cache_entries: int = 0  # merged indexes of images that are gone (or of an old format)
     kept_young: int = 0  # unreferenced but younger than the grace period
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"layers": self.layers, "objects": self.objects, "bytes_freed": self.bytes_freed,
-                "tmp_entries": self.tmp_entries, "kept_young": self.kept_young,
+                "tmp_entries": self.tmp_entries, "cache_entries": self.cache_entries,
+                "kept_young": self.kept_young,
                 "dry_run": self.dry_run}  # fmt: skip
 
 
@@ -189,7 +195,8 @@ def _age(path: os.PathLike | str, now: float) -> float:
 
 
 def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE) -> GcReport:
-    """Remove layers no image references, then objects no layer references; and stale tmp."""
+    """Remove layers no image references, then objects no layer references; cached indexes of
+    images that are gone; and stale tmp."""
     report = GcReport(dry_run=dry_run)
     now = time.time()
     keep_layers: set[str] = set()
@@ -226,6 +233,16 @@ def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE) -> 
         report.bytes_freed += path.stat().st_size
         if not dry_run:
             store.objects.remove(digest)
+
+    images = set(store.image_ids())
+    for entry in store.cache_dir.iterdir():
+        m = _INDEX_CACHE.fullmatch(entry.name)
+        if m is None or (m[1] in images and int(m[2]) == INDEX_VERSION):
+            continue
+        report.cache_entries += 1
+        report.bytes_freed += entry.lstat().st_size
+        if not dry_run:
+            entry.unlink(missing_ok=True)
 
     for entry in store.tmp.iterdir():
         if _age(entry, now) < grace:

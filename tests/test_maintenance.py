@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cowfs import maintenance
+from cowfs.index import INDEX_VERSION
 from cowfs.rootfs import default_config, import_dir_layer
 from cowfs.store import Store
 from tests.test_image_cli import cowfs, tree
@@ -104,6 +105,10 @@ def test_gc_removes_only_unreferenced(store: Store) -> None:
     store.remove_image("old:1")
     store.remove_image("app:1")
     (store.tmp / "stale").write_text("left by a crash")
+    base_id = store.resolve("base:1").id
+    for name in (f"index-{app.id}-v{INDEX_VERSION}", f"index-{base_id}-v0",
+                 f"index-{base_id}-v{INDEX_VERSION}", "registry.json"):
+        (store.cache_dir / name).write_text("cached")
 
     dry = maintenance.gc(store, dry_run=True, grace=0)
     assert sorted(dry.layers) == sorted([old_layer, app.layers[1]]) and dry.objects == 2
@@ -115,6 +120,10 @@ def test_gc_removes_only_unreferenced(store: Store) -> None:
     report = maintenance.gc(store, grace=0)
     assert sorted(report.layers) == sorted(dry.layers)
     assert report.objects == 2 and report.tmp_entries == 1 and report.bytes_freed > 0
+    # Cached indexes are derived data: gone with their image (or format), whatever their age.
+    assert dry.cache_entries == young.cache_entries == 2 and report.cache_entries == 0
+    assert sorted(p.name for p in store.cache_dir.iterdir()) == \
+        [f"index-{base_id}-v{INDEX_VERSION}", "registry.json"]  # fmt: skip
     assert not store.has_layer(old_layer) and not store.objects.has(old_obj)
     assert store.has_layer(app.layers[0])  # base:1 still uses it
     assert maintenance.fsck(store).ok
@@ -128,9 +137,10 @@ def test_gc_cli(store: Store) -> None:
     code, out, err = cowfs(store.root, "gc", "--dry-run", "--grace", "0")
     assert (code, err) == (0, "")
     assert out.startswith("would free ") and out.endswith(
-        ": 1 layer(s), 1 object(s), 0 stale tmp entr(ies)\n")
+        ": 1 layer(s), 1 object(s), 0 cached index(es), 0 stale tmp entr(ies)\n")
     code, out, _ = cowfs(store.root, "gc")
-    assert out == ("freed 0 B: 0 layer(s), 0 object(s), 0 stale tmp entr(ies)\n"
+    assert out == ("freed 0 B: 0 layer(s), 0 object(s), 0 cached index(es), "
+                   "0 stale tmp entr(ies)\n"
                    "kept 1 unreferenced item(s) younger than 10m\n")  # fmt: skip
     code, out, _ = cowfs(store.root, "gc", "--grace", "0s", "--json")
     doc = json.loads(out)

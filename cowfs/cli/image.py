@@ -239,6 +239,7 @@ def gc(obj: dict, dry_run: bool, grace: str, as_json: bool) -> None:
         return
     verb = "would free" if dry_run else "freed"
     click.echo(f"{verb} {human_size(report.bytes_freed)}: {len(report.layers)} layer(s), "
-               f"{report.objects} object(s), {report.tmp_entries} stale tmp entr(ies)")  # fmt: skip
+               f"{report.objects} object(s), {report.cache_entries} cached index(es), "
+               f"{report.tmp_entries} stale tmp entr(ies)")  # fmt: skip
     if report.kept_young:
         click.echo(f"kept {report.kept_young} unreferenced item(s) younger than {grace}")
