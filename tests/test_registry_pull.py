@@ -241,3 +241,23 @@ def test_pull_docker_schema2(registry: Registry, tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     res = pull(store, f"{registry.host}/dock:v2")
     assert tree(store, res.image_id) == expected_tree()
+
+
+def test_concurrent_pulls_of_one_image(registry: Registry, tmp_path: Path) -> None:
+    skopeo_to_registry(two_layer_image().write_layout(tmp_path / "layout"), registry, "app:v1")
+    root = tmp_path / "store"
+    Store(root)
+    cmd = [*COWFS, "--root", str(root), "pull", f"{registry.host}/app:v1"]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        outs.append(out.strip())
+    store = Store(root)
+    assert len(set(outs)) == 1 and store.image_ids() == [outs[0]]
+    assert len(store.layers()) == 2 and list(store.tmp.iterdir()) == []
+    assert tree(store, outs[0]) == expected_tree()
