@@ -238,6 +238,22 @@ def test_commit_makes_an_image_that_runs(cowfs: Cowfs) -> None:
     assert proc.stdout == "baked\ngone\n", proc.stderr
 
 
+def test_image_config_applies_as_docker_does(cowfs: Cowfs) -> None:
+    assert cowfs("run", "--name", "cfg", "busybox", "mkdir", "-p", "/srv").returncode == 0
+    proc = cowfs("commit", "-c", "ENV GREETING=hello", "-c", "WORKDIR /srv", "-c", "USER nobody",
+                 "-c", 'ENTRYPOINT ["/bin/echo", "say:"]', "-c", 'CMD ["default"]', "cfg",
+                 "configured:1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert cowfs("run", "--rm", "configured:1").stdout == "say: default\n"
+    assert cowfs("run", "--rm", "configured:1", "given").stdout == "say: given\n"
+    proc = cowfs("run", "--rm", "--entrypoint", "sh", "configured:1", "-c",
+                 "echo $GREETING $(pwd) $(id -u)")  # fmt: skip
+    assert proc.stdout == "hello /srv 65534\n", proc.stderr
+    proc = cowfs("run", "--rm", "-u", "0", "-w", "/tmp", "-e", "GREETING=hi", "--entrypoint", "",
+                 "configured:1", "sh", "-c", "echo $GREETING $(pwd) $(id -u)")  # fmt: skip
+    assert proc.stdout == "hi /tmp 0\n", proc.stderr
+
+
 def test_logs_follow_and_kill_with_a_signal(cowfs: Cowfs) -> None:
     proc = cowfs("run", "-d", "--name", "lf", "--cpus", "0.5", "busybox", "sh", "-c",
                  "trap 'echo usr1; exit 9' USR1; echo up; while true; do sleep 0.1; done")
