@@ -144,6 +144,14 @@ def run_registry(
         log.close()
 
 
+def isolate_credentials(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """Point every place cowfs reads credentials from at an empty `home`."""
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(home / "run"))
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+
+
 @pytest.fixture(name="registry")
 def registry_fixture(tmp_path: Path) -> Iterator[Registry]:
     """docker-registry over plain HTTP on 127.0.0.1. Import `registry_fixture` into a test

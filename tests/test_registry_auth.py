@@ -26,6 +26,7 @@ from tests.registry_fixtures import (
     Registry,
     auth_registry_fixture,  # noqa: F401 - the fixture auth_registry
     fake_registry,
+    isolate_credentials,
     run_registry,
     run_token_service,
     sha,
@@ -41,9 +42,10 @@ def b64(text: str) -> str:
 
 @pytest.fixture
 def docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """$DOCKER_CONFIG pointing at an empty dir, $HOME elsewhere: no real credentials leak in."""
+    """$DOCKER_CONFIG pointing at an empty dir, $HOME and $XDG_RUNTIME_DIR elsewhere: no real
+    credentials leak in."""
+    isolate_credentials(monkeypatch, tmp_path / "home")
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "docker").mkdir()
     return tmp_path / "docker" / "config.json"
 
@@ -367,3 +369,22 @@ def test_identity_token_uses_refresh_grant(tmp_path: Path) -> None:
     assert forms[0]["refresh_token"] == ["rt-123"]
     assert forms[0]["service"] == ["svc"]
     assert forms[0]["scope"] == ["repository:app:pull"]
+
+
+def test_skopeo_login_credentials_are_used(
+    auth_registry: Registry, tmp_path: Path, docker_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`skopeo login` writes the containers auth.json: cowfs reads it after docker's config."""
+    reg = auth_registry
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "containers-auth.json"))
+    subprocess.run(
+        ["skopeo", "login", "--tls-verify=false", "-u", reg.user, "--password-stdin", reg.host],
+        input=reg.password,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    docker_config.write_text(json.dumps({"auths": {"elsewhere.example": {"auth": b64("a:b")}}}))
+    store = Store(tmp_path / "store")
+    import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
+    assert push(store, "src:v1", f"{reg.host}/app:v1").uploaded == 1

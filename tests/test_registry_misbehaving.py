@@ -18,7 +18,14 @@ from cowfs.registry import client
 from cowfs.registry import manifest as mf
 from cowfs.registry.pull import pull
 from cowfs.store import Store
-from tests.registry_fixtures import FakeRegistry, Layer, OciImage, fake_registry, sha
+from tests.registry_fixtures import (
+    FakeRegistry,
+    Layer,
+    OciImage,
+    fake_registry,
+    isolate_credentials,
+    sha,
+)
 
 COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
 
@@ -118,8 +125,7 @@ def test_missing_blob_and_manifest(fake: FakeRegistry, tmp_path: Path) -> None:
 def test_unauthorized_without_credentials(
     fake: FakeRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "none"))
-    monkeypatch.setenv("HOME", str(tmp_path / "none"))
+    isolate_credentials(monkeypatch, tmp_path / "none")
     fake.routes[("GET", "/v2/")] = (401, {"WWW-Authenticate": 'Basic realm="x"'}, b"")
     pull_fails(fake, Store(tmp_path / "s"), AuthError, "no credentials found")
     fake.routes[("GET", "/v2/")] = (401, {}, b"")

@@ -65,8 +65,8 @@ insecure_option = click.option(
 authfile_option = click.option(
     "--authfile",
     type=click.Path(dir_okay=False),
-    help="docker-style config.json with credentials (default: $DOCKER_CONFIG/config.json, "
-    "~/.docker/config.json).",
+    help="docker-style config.json with credentials (default: $DOCKER_CONFIG/config.json or "
+    "~/.docker/config.json, then the auth.json of `skopeo login`).",
 )
 
 

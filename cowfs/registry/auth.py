@@ -1,7 +1,8 @@
 """Registry credentials and authentication: docker-style config.json, Basic and Bearer tokens.
 
-Credentials come from the first config.json that exists of: `--authfile`, `$DOCKER_CONFIG/
-config.json`, `~/.docker/config.json`. An entry under `auths` gives `auth` (base64 of
+Credentials come from `--authfile`, else the first of these files with an entry for the
+registry: `$DOCKER_CONFIG/config.json` (default `~/.docker/config.json`), then the containers
+auth.json of `skopeo login` and podman. An entry under `auths` gives `auth` (base64 of
 user:password), `username`/`password` or an `identitytoken`; `credHelpers`/`credsStore` name a
 `docker-credential-<helper>` program that is asked instead, as docker does.
 
@@ -41,18 +42,27 @@ class Credentials:
         return "Basic " + base64.b64encode(raw).decode()
 
 
-def config_path(authfile: str | None = None) -> Path | None:
-    """The docker-style config.json to read, or None when there is none."""
+def config_paths(authfile: str | None = None) -> list[Path]:
+    """The credential files to read, in order: `--authfile` alone when given; else docker's
+    config.json ($DOCKER_CONFIG, else ~/.docker), then the containers auth.json that `skopeo
+    login` and podman write ($REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers, ~/.config)."""
     if authfile:
         path = Path(authfile)
         if not path.is_file():
             raise InvalidInput(f"auth file {authfile} does not exist")
-        return path
-    candidates = []
-    if os.environ.get("DOCKER_CONFIG"):
-        candidates.append(Path(os.environ["DOCKER_CONFIG"]) / "config.json")
-    candidates.append(Path.home() / ".docker" / "config.json")
-    return next((p for p in candidates if p.is_file()), None)
+        return [path]
+    env = os.environ.get
+    candidates = [
+        Path(env("DOCKER_CONFIG")) / "config.json"
+        if env("DOCKER_CONFIG")
+        else Path.home() / ".docker" / "config.json"
+    ]
+    if env("REGISTRY_AUTH_FILE"):
+        candidates.append(Path(env("REGISTRY_AUTH_FILE")))
+    if env("XDG_RUNTIME_DIR"):
+        candidates.append(Path(env("XDG_RUNTIME_DIR")) / "containers" / "auth.json")
+    candidates.append(Path.home() / ".config" / "containers" / "auth.json")
+    return [p for p in candidates if p.is_file()]
 
 
 def _host_of(key: str) -> str:
@@ -63,10 +73,16 @@ def _host_of(key: str) -> str:
 
 
 def lookup(registry: str, authfile: str | None = None) -> Credentials | None:
-    """Credentials for `registry` (as in a reference: 'docker.io', 'localhost:5000'), or None."""
-    path = config_path(authfile)
-    if path is None:
-        return None
+    """Credentials for `registry` (as in a reference: 'docker.io', 'localhost:5000'), or None.
+    The first file with an entry for the registry wins."""
+    for path in config_paths(authfile):
+        creds = _lookup_in(path, registry)
+        if creds is not None:
+            return creds
+    return None
+
+
+def _lookup_in(path: Path, registry: str) -> Credentials | None:
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
