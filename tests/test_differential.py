@@ -257,7 +257,9 @@ class Pair:
         results = []
         for side in self.sides:
             res = run_op(side, op, args)
-            if res == ("err", "EXDEV") and op == "rename" and "exdev" in side.deviations:
+            # (a rename of the mount root itself is EXDEV everywhere: the VFS says so)
+            exdev = res == ("err", "EXDEV") and op == "rename" and "" not in args
+            if exdev and "exdev" in side.deviations:
                 res = posix_rename(side.root, *args)
                 self.deviated = True
             results.append(res)
@@ -958,7 +960,7 @@ def _run_machine(tmp_path: Path, examples: int, steps: int, derandomize: bool) -
 
 
 def test_random_sequences(tmp_path: Path) -> None:
-    _run_machine(tmp_path, examples=25, steps=30, derandomize=True)
+    _run_machine(tmp_path, examples=40, steps=40, derandomize=True)
 
 
 @pytest.mark.slow
