@@ -46,8 +46,13 @@ def cowfs(busybox_image: tuple[Path, str]) -> Iterator[Cowfs]:
 
         rt = Runtime(Store(root))
         cgroup_dirs = [d for s in rt.states() for _v, d in s.cgroups.values()]
+        errors = []
         for state in rt.states():
-            rt.remove(state.id, force=True)
+            try:
+                rt.remove(state.id, force=True)
+            except Exception as exc:  # noqa: BLE001 - clean up the others, then report
+                errors.append(f"{state.name}: {exc}")
+        assert not errors, errors
         assert not [d for d in cgroup_dirs if os.path.isdir(d)], "cgroups left behind"
         with open("/proc/self/mountinfo") as f:
             assert str(root) not in f.read(), "mounts left behind"
