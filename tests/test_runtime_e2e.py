@@ -218,6 +218,17 @@ def test_tty_user_workdir_readonly_and_volumes(cowfs: Cowfs, tmp_path: Path) -> 
     assert not (ro / "x").exists()
 
 
+def test_host_network_and_detached_auto_remove(cowfs: Cowfs) -> None:
+    proc = cowfs("run", "--rm", "--network", "host", "busybox", "ls", "/sys/class/net")
+    assert sorted(proc.stdout.split()) == sorted(os.listdir("/sys/class/net"))
+    proc = cowfs("run", "-d", "--rm", "--name", "gone", "busybox", "sleep", "1000")
+    assert proc.returncode == 0, proc.stderr
+    cid = proc.stdout.strip()
+    assert cowfs("stop", "-t", "30", "gone").returncode == 0  # its monitor removes it
+    assert cowfs("ps", "-a", "-q").stdout == ""
+    assert not (cowfs.root / "containers" / cid).exists()  # type: ignore[attr-defined]
+
+
 def test_stdin_with_interactive(cowfs: Cowfs) -> None:
     proc = cowfs("run", "--rm", "-i", "busybox", "tr", "a-z", "A-Z", input="hello\n")
     assert proc.stdout == "HELLO\n"
