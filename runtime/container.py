@@ -400,9 +400,23 @@ class Runtime:
                 return name  # its monitor removed it (--rm)
             if state.status == Status.RUNNING:
                 raise ContainerError(f"container {state.name} did not stop")
-        self._teardown(sd, state, None)
-        shutil.rmtree(sd.path)
-        return state.name
+        name = state.name
+        try:
+            lock = sd.lock()  # not while a start of it is half-way
+        except NotFound:
+            return name
+        try:
+            try:
+                state = sd.load()
+            except NotFound:
+                return name
+            if state.status == Status.RUNNING:
+                raise InUse(f"container {name} was started again meanwhile")
+            self._teardown(sd, state, None)
+            shutil.rmtree(sd.path)
+        finally:
+            os.close(lock)
+        return name
 
     # -- exec ------------------------------------------------------------------------------
 
