@@ -181,8 +181,8 @@ def container_init(
 def exec_target(sys: Syscalls, spec: ContainerSpec, chan: socket.socket) -> NoReturn:
     """`exec`: a process joining a running container (its namespaces are already entered).
 
-    It gets the same cuts as the container's command; no init of its own (the container's
-    PID 1 reaps it if it is orphaned). On success the channel just closes (close-on-exec)."""
+    It gets the same cuts as the container's command and no init of its own: the runtime
+    (a subreaper) waits for it. On success the channel just closes (close-on-exec)."""
     try:
         user = users.resolve(spec.user, _read_text("/etc/passwd"), _read_text("/etc/group"))
         capabilities.drop_to(sys)
