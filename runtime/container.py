@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import sys as _sys
@@ -113,7 +112,7 @@ class Runtime:
     def create(self, image: str, opts: RunOptions, *, name: str | None = None,
                auto_remove: bool = False) -> State:  # fmt: skip
         img = self._image(image)
-        cid = secrets.token_hex(32)
+        cid = os.urandom(32).hex()
         spec = build(img.config, opts, cid)
         for vol in spec.volumes:
             if not os.path.exists(vol.host):
