@@ -169,6 +169,11 @@ class ObjectReader:
                 ) from None
         if _frame_checksum(data) != self._checks[i]:
             raise Corruption(f"object {self.digest}: frame {i} checksum mismatch")
+        # The checksum covers the frame's bytes, not where the seek table says they sit: a
+        # damaged decompressed size would shift every later offset and serve wrong bytes.
+        end = self._starts[i + 1] if i + 1 < len(self._starts) else self.size
+        if len(data) != end - self._starts[i]:
+            raise Corruption(f"object {self.digest}: frame {i} size does not match the seek table")
         self._cache.put(key, data)
         return data
 

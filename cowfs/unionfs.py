@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cowfs.errors import CowfsError
+from cowfs.errors import Corruption, CowfsError, NotFound
 from cowfs.hostdir import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, link, move
 from cowfs.index import ROOT_INO, MergedIndex
 from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, kind_of_mode
@@ -134,7 +134,17 @@ class StoredLayer:
     def open(self, path: str, entry: Entry) -> Reader:
         if not entry.digest:
             return _EmptyReader()
-        return self.objects.open(entry.digest)
+        try:
+            reader = self.objects.open(entry.digest)
+        except NotFound as exc:  # the TOC names it, so a missing object is damage: EIO
+            raise Corruption(exc.message) from None
+        # The TOC is checksummed; the object's seek table is not as a whole. A size that
+        # disagrees means damage that would shift offsets: refuse rather than serve wrong bytes.
+        if reader.size != entry.size:
+            reader.close()
+            raise Corruption(f"object {entry.digest} of /{path}: size {reader.size}, "
+                             f"the layer says {entry.size}")  # fmt: skip
+        return reader
 
     def close(self) -> None:
         pass
