@@ -39,7 +39,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from cowfs import overlaydir
 from cowfs.toc import DIR, Entry, Toc
-from tests.conftest import need_fuse, need_tool
+from tests.conftest import need_fuse, need_tool, unmount_or_kill
 
 T0 = 1_600_000_000 * 10**9  # fixed, old mtimes: anything newer was changed during the test
 
@@ -194,8 +194,9 @@ def mount_cowfs(base: Path, lowers: list[Path]) -> Side:
 
     mnt, upper, work = _prepare(base, "cowfs")
     # (the library call `mount -t fuse.cowfs ... -o lowerdir=` runs through its helper)
-    mounting.mount_dirs([str(p) for p in lowers], mnt, upper, work)
-    return Side("cowfs", str(mnt), str(upper), str(work), lambda: mounting.umount(mnt))
+    pid = mounting.mount_dirs([str(p) for p in lowers], mnt, upper, work)
+    # unmount_or_kill: a stuck daemon is killed by pid rather than hanging the suite
+    return Side("cowfs", str(mnt), str(upper), str(work), lambda: unmount_or_kill(mnt, pid))
 
 
 def mount_fuse_overlayfs(base: Path, lowers: list[Path]) -> Side:
