@@ -37,11 +37,11 @@ from runtime.syscalls import Syscalls
 _TRACE = os.environ.get("COWFS_TRACE_START") == "1"
 
 
-def _phase(name: str) -> None:
+def _phase(name: str, when: float | None = None) -> None:
     """COWFS_TRACE_START=1: where the start-up time goes: `cowfs-trace <epoch> <phase>` on
     stderr (the benchmark subtracts its own start time)."""
     if _TRACE:
-        print(f"cowfs-trace {time.time():.4f} {name}", file=_sys.stderr)
+        print(f"cowfs-trace {when or time.time():.4f} {name}", file=_sys.stderr)
 
 
 def _signal_number(sig: str | int) -> int:
@@ -300,6 +300,8 @@ class Runtime:
                     err = ContainerError(msg["error"])
                     err.exit_code = int(msg.get("code", 125))
                     raise err
+                for name, when in msg.get("times", []):
+                    _phase(name, when)
                 break
         except BaseException:
             for fd in streams:

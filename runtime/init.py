@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import termios
+import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -50,15 +51,6 @@ def _read_text(path: str) -> str:
             return f.read()
     except OSError:
         return ""
-
-
-def prepare_root(sys: Syscalls, spec: ContainerSpec, root: str, etc_dir: str) -> None:
-    """From a fresh mount namespace to a pivoted, named, networked root."""
-    rootfs.apply(sys, rootfs.plan(root, spec, etc_dir))
-    rootfs.pivot(sys, root)
-    sys.sethostname(spec.hostname)
-    if spec.network != "host":
-        namespaces.loopback_up()
 
 
 def exec_command(
@@ -153,9 +145,16 @@ def reap_forever(main_pid: int, forwarded: set[signal.Signals]) -> NoReturn:
 def container_init(
     sys: Syscalls, spec: ContainerSpec, root: str, etc_dir: str, chan: socket.socket,
 ) -> NoReturn:
+    times = [("init", time.time())]  # phase end times, sent back for COWFS_TRACE_START
     try:
         set_title("cowfs-init")
-        prepare_root(sys, spec, root, etc_dir)
+        rootfs.apply(sys, rootfs.plan(root, spec, etc_dir))
+        times.append(("init: mounts", time.time()))
+        rootfs.pivot(sys, root)
+        sys.sethostname(spec.hostname)
+        if spec.network != "host":
+            namespaces.loopback_up()
+        times.append(("init: pivot, hostname, lo", time.time()))
         user = users.resolve(spec.user, _read_text("/etc/passwd"), _read_text("/etc/group"))
         os.makedirs(spec.cwd, exist_ok=True)  # docker creates a missing WorkingDir
         capabilities.drop_to(sys)
@@ -164,14 +163,16 @@ def container_init(
         # Not dumpable: the container's processes cannot read init's memory or fds via /proc.
         sys.prctl(sc.PR_SET_DUMPABLE, 0)
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGCHLD})
+        times.append(("init: user, caps", time.time()))
         pid, error, code = spawn_command(spec, user, tty_fd)
+        times.append(("init: command exec'd", time.time()))
     except Exception as exc:  # noqa: BLE001 - reported to the monitor as one line
         send(chan, {"error": f"container init: {exc}", "code": 125})
         os._exit(125)
     if error is not None:
         send(chan, {"error": error, "code": code})
     else:
-        send(chan, {"started": True})
+        send(chan, {"started": True, "times": times})
     chan.close()
     if tty_fd is not None:
         os.close(tty_fd)
