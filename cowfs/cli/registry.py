@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from cowfs.registry.pull import Progress
+
+if TYPE_CHECKING:
+    from cowfs.store import Store
 
 
 class BarProgress(Progress):
@@ -128,7 +131,7 @@ def push(obj: dict, image: str, ref: str, compression: str, chunk_size: str | No
     click.echo(res.manifest_digest)
 
 
-def image_for(store: Any, ref: str) -> str:
+def image_for(store: Store, ref: str) -> str:
     """How `mount` and `run` should name image REF: REF itself when the store has it, else the
     id of the image pulled for it now (as `docker run` pulls a missing image)."""
     from cowfs.errors import NotFound

@@ -15,13 +15,16 @@ import shutil
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cowfs.errors import DigestMismatch, InvalidInput, NotFound, RegistryError
 from cowfs.registry import manifest as mf
 from cowfs.registry.cache import RegistryCache
 from cowfs.registry.client import RegistryClient
 from cowfs.registry.reference import Reference, parse
+
+if TYPE_CHECKING:
+    from cowfs.store import Store
 
 MAX_CONFIG_SIZE = 16 << 20
 DEFAULT_JOBS = 3  # parallel layer downloads: enough to fill a link, few enough for 2 cores
@@ -52,7 +55,7 @@ class PullResult:
 
 
 def pull(
-    store: Any,
+    store: Store,
     ref: str | Reference,
     *,
     platform: str | None = None,
@@ -156,7 +159,7 @@ def _parse_config(data: bytes, where: str) -> dict[str, Any]:
 
 
 def _fetch_layers(
-    store: Any,
+    store: Store,
     client: RegistryClient,
     r: Reference,
     todo: list[tuple[mf.Descriptor, str]],
@@ -211,7 +214,7 @@ def _fetch_layers(
     return out
 
 
-def ensure_image(store: Any, ref: str, **opts: Any) -> str:
+def ensure_image(store: Store, ref: str, **opts: Any) -> str:
     """The id of image `ref`: found in the store (by tag, id or an earlier pull), else pulled.
 
     Options are pull()'s (platform, insecure, authfile, progress).

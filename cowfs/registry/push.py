@@ -24,7 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cowfs.errors import InvalidInput
 from cowfs.registry import manifest as mf
@@ -32,6 +32,9 @@ from cowfs.registry.cache import BlobRecord, RegistryCache
 from cowfs.registry.client import RegistryClient
 from cowfs.registry.pull import DEFAULT_JOBS, Progress
 from cowfs.registry.reference import Reference, parse
+
+if TYPE_CHECKING:
+    from cowfs.store import Store
 
 COMPRESSIONS = ("zstd", "gzip", "none")
 # Media types a layer blob may have in the manifest we write, per requested compression.
@@ -67,7 +70,7 @@ class _Layer:
 
 
 def push(
-    store: Any,
+    store: Store,
     source: str,
     dest: str | Reference,
     *,
