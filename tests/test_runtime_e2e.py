@@ -368,3 +368,22 @@ def test_run_pulls_a_missing_image_from_a_registry(cowfs: Cowfs, tmp_path: Path)
                               stdin=subprocess.DEVNULL)  # fmt: skip
     assert (proc.returncode, proc.stdout) == (0, "pulled and run\n"), proc.stderr
     assert list((fresh / "containers").iterdir()) == []
+
+
+def test_exec_with_a_terminal(cowfs: Cowfs) -> None:
+    assert cowfs("run", "-d", "--name", "tt", "busybox", "sleep", "1000").returncode == 0
+    master, slave = os.openpty()
+    cmd = _cowfs_cmd(cowfs.root, ("exec", "-it", "tt", "sh"))  # type: ignore[attr-defined]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    try:
+        assert b"# " in _read_until(master, b"# ")
+        os.write(master, b"tty; ps -o comm | grep -c sleep; exit 4\n")
+        out = _read_until(master, b"/dev/pts/0\r\n1\r\n")
+        assert b"/dev/pts/0\r\n1\r\n" in out  # its own terminal, in the container's pid ns
+        assert proc.wait(timeout=60) == 4
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
