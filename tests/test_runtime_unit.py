@@ -155,6 +155,15 @@ def test_join_enters_mount_namespace_last() -> None:
     assert rec.calls[-1][2] == sc.CLONE_NEWNS
 
 
+def test_failed_setns_closes_every_handle() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    rec = RecordingSyscalls(fail_on={"setns": lambda fd, flag: flag == sc.CLONE_NEWPID})
+    with pytest.raises(OSError):
+        namespaces.join(rec, os.getpid(), namespaces.for_network("none"))
+    assert [c[2] for c in rec.calls] == [sc.CLONE_NEWIPC, sc.CLONE_NEWUTS, sc.CLONE_NEWNET]
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
 # -- capabilities ---------------------------------------------------------------------------------
 
 
