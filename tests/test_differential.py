@@ -239,6 +239,8 @@ class Pair:
             self.close()
             raise
         self.log: list[tuple] = []
+        self.touched: set[str] = set()  # paths whose inode may change since the last compare
+        self.inodes: list[dict[str, int]] = []  # per side, at the last compare
         self.deviated = False  # an operation took the POSIX path instead of overlayfs's
 
     def close(self) -> None:
@@ -255,6 +257,7 @@ class Pair:
 
     def apply(self, op: str, *args) -> None:
         self.log.append((op, *args))
+        self.touched |= identity_changes(op, args)
         results = []
         for side in self.sides:
             res = run_op(side, op, args)
@@ -277,6 +280,11 @@ class Pair:
         for side, snap in zip(self.sides, snaps, strict=True):
             problems = check_invariants(snap, side.deviations)
             assert not problems, f"{side.name}: {problems}\n{self.story()}"
+        for side, snap, before in zip(self.sides, snaps, self.inodes or [None] * 2, strict=True):
+            problems = stable_inodes(before, snap, self.touched)
+            assert not problems, f"{side.name}: {problems}\n{self.story()}"
+        self.inodes = [{rel: info["ino"] for rel, info in snap.items()} for snap in snaps]
+        self.touched = set()
         deviations = self.sides[0].deviations | self.sides[1].deviations
         ref, got = (strip_for_compare(s, deviations) for s in snaps)
         if got != ref:
@@ -576,6 +584,38 @@ def check_invariants(snap: dict[str, dict], deviations: frozenset[str]) -> list[
             problems.append(f"{rel}: nlink {info['nlink']} but aliases {by_ino[info['ino']]}")
         if "d_ino" in info and "d_ino" not in deviations and info["d_ino"] != info["ino"]:
             problems.append(f"{rel}: d_ino {info['d_ino']} != st_ino {info['ino']}")
+    return problems
+
+
+_IDENTITY_OPS = {"create", "write_file", "mkdir", "rmdir", "unlink", "rename", "link", "symlink",
+                 "mkfifo", "mknod"}  # fmt: skip
+
+
+def identity_changes(op: str, args: tuple) -> set[str]:
+    """Paths whose inode `op` may legitimately replace (their subtrees too): the names it
+    creates, removes or moves. Every other path must keep its st_ino, copy-up or not."""
+    if op not in _IDENTITY_OPS:
+        return set()
+    paths = {a for a in (args[1:] if op == "symlink" else args) if isinstance(a, str)}
+    out = set(paths)
+    for path in paths:
+        if path == "dsym" or path.startswith("dsym/"):  # dsym -> a
+            out.add("a" + path[len("dsym") :])
+        if path == "dangling":  # O_CREAT through a dangling symlink creates its target
+            out.add("nowhere")
+    return out
+
+
+def stable_inodes(before: dict[str, int] | None, snap: dict[str, dict],
+                  touched: set[str]) -> list[str]:  # fmt: skip
+    if before is None:
+        return []
+    problems = []
+    for rel, info in snap.items():
+        if rel not in before or any(rel == t or rel.startswith(t + "/") for t in touched):
+            continue
+        if info["ino"] != before[rel]:
+            problems.append(f"{rel or '/'}: st_ino changed from {before[rel]} to {info['ino']}")
     return problems
 
 
