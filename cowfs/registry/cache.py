@@ -104,7 +104,14 @@ class RegistryCache:
             self._doc["manifests"][f"{registry}/{repository}@{digest}"] = image_id
 
     def save(self) -> None:
-        """Merge with what other processes wrote meanwhile, then replace the file atomically."""
+        """Merge with what other processes wrote meanwhile, then replace the file atomically.
+        Failing to write is not an error: the cache only saves work."""
+        try:
+            self._save()
+        except OSError:
+            pass
+
+    def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
