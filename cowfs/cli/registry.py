@@ -8,14 +8,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from cowfs.registry.pull import Progress
+# Nothing of cowfs.registry is imported up here: `run` and `mount` import this module for
+# image_for(), and a container start must not pay for http.client and ssl when the image is local.
 
 if TYPE_CHECKING:
     from cowfs.store import Store
 
 
-class BarProgress(Progress):
-    """A byte progress bar on stderr when it is a terminal; silent otherwise."""
+class BarProgress:
+    """A byte progress bar on stderr when it is a terminal; silent otherwise (a
+    cowfs.registry.pull.Progress)."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -135,13 +137,14 @@ def image_for(store: Store, ref: str) -> str:
     """How `mount` and `run` should name image REF: REF itself when the store has it, else the
     id of the image pulled for it now (as `docker run` pulls a missing image)."""
     from cowfs.errors import NotFound
-    from cowfs.registry.pull import ensure_image
 
     try:
         store.resolve(ref)
         return ref
     except NotFound:
         pass
+    from cowfs.registry.pull import ensure_image
+
     return ensure_image(store, ref, progress=_AnnouncedBar(ref))
 
 

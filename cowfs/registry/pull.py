@@ -15,7 +15,7 @@ import shutil
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cowfs.errors import DigestMismatch, InvalidInput, NotFound, RegistryError
 from cowfs.registry import manifest as mf
@@ -30,9 +30,18 @@ MAX_CONFIG_SIZE = 16 << 20
 DEFAULT_JOBS = 3  # parallel layer downloads: enough to fill a link, few enough for 2 cores
 
 
-class Progress:
-    """What a pull reports; the CLI draws a bar with it. Called from worker threads."""
+class Progress(Protocol):
+    """What a pull or push reports (the CLI draws a bar with it); advance() is called from
+    worker threads."""
 
+    def begin(self, total_bytes: int, layers: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class NoProgress:
     def begin(self, total_bytes: int, layers: int) -> None:
         pass
 
@@ -69,7 +78,7 @@ def pull(
     want = mf.Platform.parse(platform) if platform else mf.Platform()
     client = client or RegistryClient.for_reference(r, insecure=insecure, authfile=authfile)
     client.add_scope(r.repository, "pull")
-    progress = progress or Progress()
+    progress = progress or NoProgress()
     where = f"{r.familiar_name}:{r.tag}" if r.tag and not r.digest else str(r)
 
     body, ctype, digest = client.get_manifest(r.repository, r.reference)

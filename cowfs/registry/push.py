@@ -30,7 +30,7 @@ from cowfs.errors import InvalidInput
 from cowfs.registry import manifest as mf
 from cowfs.registry.cache import BlobRecord, RegistryCache
 from cowfs.registry.client import RegistryClient
-from cowfs.registry.pull import DEFAULT_JOBS, Progress
+from cowfs.registry.pull import DEFAULT_JOBS, NoProgress, Progress
 from cowfs.registry.reference import Reference, parse
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def push(
     image = store.resolve(source)
     client = client or RegistryClient.for_reference(r, insecure=insecure, authfile=authfile)
     client.add_scope(r.repository, "pull,push")
-    progress = progress or Progress()
+    progress = progress or NoProgress()
     cache = RegistryCache(store.cache_dir)
     repo = f"{r.registry}/{r.repository}"
     staging = store.mkdtemp("push")
