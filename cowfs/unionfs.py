@@ -50,7 +50,26 @@ WHITEOUT = "w"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 ORIGIN_XATTR = "trusted.cowfs.origin"
 # The layering's own xattrs: hidden from users, never copied, never settable through the mount.
-_PRIVATE_XATTRS = ("trusted.overlay.", "trusted.cowfs.")
+_OVERLAY_XATTRS = "trusted.overlay."
+_ESCAPED_XATTRS = "trusted.overlay.overlay."
+_COWFS_XATTRS = "trusted.cowfs."
+
+
+def _host_xattr(name: str) -> str:
+    """The upper's name for a user's xattr. Like overlayfs (6.7+), a user's trusted.overlay.X
+    is stored escaped as trusted.overlay.overlay.X, so it never means whiteout or opaque."""
+    if name.startswith(_OVERLAY_XATTRS):
+        return _ESCAPED_XATTRS + name[len(_OVERLAY_XATTRS) :]
+    return name
+
+
+def _user_xattr(name: str) -> str | None:
+    """The user's name for an upper xattr; None for the layering's own bookkeeping."""
+    if name.startswith(_ESCAPED_XATTRS):
+        return _OVERLAY_XATTRS + name[len(_ESCAPED_XATTRS) :]
+    if name.startswith((_OVERLAY_XATTRS, _COWFS_XATTRS)):
+        return None
+    return name
 UPPER_INO_BASE = 1 << 32
 NAME_MAX = 255
 _COPY_CHUNK = 1 << 20
@@ -542,11 +561,11 @@ class UnionFS:
     @_locked
     def getxattr(self, path: str, name: str) -> bytes:
         in_upper, _ = self._need(path)
-        if name.startswith(_PRIVATE_XATTRS):
+        if name.startswith(_COWFS_XATTRS):
             raise err(errno.ENODATA, name)
         if in_upper:
             assert self.upper is not None
-            return self.upper.getxattr(path, name)
+            return self.upper.getxattr(path, _host_xattr(name))
         value = (self.idx.entries[path].xattrs or {}).get(name)
         if value is None:
             raise err(errno.ENODATA, name)
@@ -557,10 +576,8 @@ class UnionFS:
         in_upper, _ = self._need(path)
         if in_upper:
             assert self.upper is not None
-            names = self.upper.listxattr(path)
-        else:
-            names = list(self.idx.entries[path].xattrs or ())
-        return [n for n in names if not n.startswith(_PRIVATE_XATTRS)]
+            return [u for n in self.upper.listxattr(path) if (u := _user_xattr(n)) is not None]
+        return list(self.idx.entries[path].xattrs or ())
 
     def statfs(self) -> dict[str, int]:
         target = self.upper.fd if self.upper is not None else None
@@ -816,21 +833,21 @@ class UnionFS:
 
     @_locked
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
-        if name.startswith(_PRIVATE_XATTRS):
+        if name.startswith(_COWFS_XATTRS):
             raise err(errno.EPERM, name)
         self._to_upper(path)
         assert self.upper is not None
-        self.upper.setxattr(path, name, value, flags)
+        self.upper.setxattr(path, _host_xattr(name), value, flags)
         self._changed(self._others(path))
 
     @_locked
     def removexattr(self, path: str, name: str) -> None:
-        if name.startswith(_PRIVATE_XATTRS):
+        if name.startswith(_COWFS_XATTRS):
             raise err(errno.ENODATA, name)
         self._need(path)
         self._to_upper(path)
         assert self.upper is not None
-        self.upper.removexattr(path, name)
+        self.upper.removexattr(path, _host_xattr(name))
         self._changed(self._others(path))
 
     # -- creating and removing names ------------------------------------------------------------
@@ -1165,7 +1182,7 @@ class UnionFS:
             if e.kind != SYMLINK:
                 w.chmod(tmp, e.mode)
             for key, value in (e.xattrs or {}).items():
-                w.setxattr(tmp, key, value)
+                w.setxattr(tmp, _host_xattr(key), value)
             w.setxattr(tmp, ORIGIN_XATTR, str(ino).encode())
             w.utime(tmp, (e.atime, e.mtime))
         except BaseException:
