@@ -81,6 +81,9 @@ def run(ctx: click.Context, name, auto_remove, detach, interactive, tty, env, wo
         interactive=interactive,
     )
     rt = _runtime(ctx)
+    from cowfs.cli.registry import image_for
+
+    image = image_for(rt.store, image)  # pulled from its registry when not in the store
     state = rt.create(image, opts, name=name, auto_remove=auto_remove)
     from runtime.container import _phase
 

@@ -38,8 +38,11 @@ def mount(obj: dict, image_ref: str, mountpoint: str, upper: str | None, work: s
     Without --upper/--work, changes go to a fresh upper dir under the store.
     """
     from cowfs import mounting
+    from cowfs.cli.registry import image_for
 
-    mounting.mount(_store(obj), image_ref, mountpoint, upper, work, read_only,
+    store = _store(obj)
+    image_ref = image_for(store, image_ref)  # pulled from its registry when not in the store
+    mounting.mount(store, image_ref, mountpoint, upper, work, read_only,
                    foreground=foreground)  # fmt: skip
 
 
