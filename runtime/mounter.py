@@ -6,6 +6,7 @@ exists, so it serves from outside both (DESIGN decision 7).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from typing import Any, Protocol
@@ -48,6 +49,9 @@ class CowfsMounter:
         mountpoint = os.path.abspath(mountpoint)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         table = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - closed below
+        # Objects inherited by the child stay out of its garbage collector: a collection would
+        # touch (and so copy) every page of the parent's heap.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             code = 2

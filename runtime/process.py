@@ -12,6 +12,7 @@ never runs a moment outside its limits.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections.abc import Callable
@@ -47,6 +48,9 @@ def launch(
     """Start `target(chan)` in the namespaces; returns its host pid and our end of the channel."""
     ours, theirs = channel.pair()
     sys.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    # Objects inherited by the child stay out of its garbage collector: a collection would
+    # touch (and so copy) every page of the parent's heap.
+    gc.freeze()
     pid = os.fork()
     if pid == 0:  # intermediate
         try:
