@@ -1000,10 +1000,12 @@ def _run_machine(tmp_path: Path, examples: int, steps: int, derandomize: bool) -
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.timeout(900)  # (a bound against a hung mount; the run takes a minute or two)
 def test_random_sequences(tmp_path: Path) -> None:
     _run_machine(tmp_path, examples=40, steps=40, derandomize=True)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 def test_random_sequences_long(tmp_path: Path) -> None:
     _run_machine(tmp_path, examples=300, steps=60, derandomize=False)

@@ -290,10 +290,12 @@ def test_stress_short(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_stress_long(tmp_path: Path) -> None:
     run_stress(tmp_path, workers=8, ops=4000, seed=random.randrange(1 << 30))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_stress_long_threaded_daemon(tmp_path: Path) -> None:
     run_stress(tmp_path, workers=8, ops=3000, seed=random.randrange(1 << 30), threads=True)
