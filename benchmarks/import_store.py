@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ def collect(trees: list[str], max_bytes: int) -> tuple[list[str], int, int, int]
     paths: list[str] = []
     total = 0
     allocated = 0
+    inodes: set[tuple[int, int]] = set()  # hard links are content once, in a tar and a store
     for top in trees:
         for dirpath, dirnames, filenames in os.walk(top):
             dirnames.sort()
@@ -56,7 +58,8 @@ def collect(trees: list[str], max_bytes: int) -> tuple[list[str], int, int, int]
                 if total >= max_bytes:
                     return paths, total, allocated, len(paths)
                 paths.append(os.path.relpath(p, "/"))
-                if os.path.isfile(p) and not os.path.islink(p):
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in inodes:
+                    inodes.add((st.st_dev, st.st_ino))
                     total += st.st_size
                     allocated += st.st_blocks * 512
     return paths, total, allocated, len(paths)
