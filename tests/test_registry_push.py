@@ -19,10 +19,13 @@ from cowfs.rootfs import import_rootfs
 from cowfs.store import Store
 from tests.conftest import need_root, need_tool
 from tests.registry_fixtures import (
+    Layer,
+    OciImage,
     Registry,
     fake_registry,
     registry_fixture,  # noqa: F401 - the fixture registry
     skopeo_copy,
+    skopeo_to_registry,
 )
 
 COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
@@ -277,3 +280,42 @@ def test_chunked_upload_protocol(tmp_path: Path) -> None:
         ("/v2/app/blobs/uploads/u4", "196608-249999"),
     ]
     assert put == [f"/v2/app/blobs/uploads/u5?digest={digest.replace(':', '%3A')}"]
+
+
+def test_multi_layer_image_with_whiteouts_round_trips(registry: Registry, tmp_path: Path) -> None:
+    """skopeo puts a two-layer image (whiteout, opaque dir) in; cowfs pulls it, pushes it as
+    zstd elsewhere; skopeo and umoci unpack what cowfs pushed: the merged tree is the same."""
+    lower = Layer(
+        {
+            "etc": None,
+            "etc/gone": b"bye\n",
+            "etc/kept": b"kept\n",
+            "var": None,
+            "var/cache": None,
+            "var/cache/old": b"old\n",
+        }
+    )
+    upper = Layer(
+        {
+            "etc": None,
+            "etc/.wh.gone": b"",
+            "var": None,
+            "var/cache": None,
+            "var/cache/.wh..wh..opq": b"",
+            "var/cache/new": b"new\n",
+        }
+    )
+    img = OciImage([lower, upper]).build()
+    skopeo_to_registry(img.write_layout(tmp_path / "layout"), registry, "src:v1")
+    store = Store(tmp_path / "store")
+    pulled = pull(store, f"{registry.host}/src:v1")
+    res = push(store, pulled.image_id, f"{registry.host}/dst:v1")
+    assert (res.layers, res.uploaded) == (2, 2)
+    rootfs = unpack_with_umoci(
+        registry, "dst:v1", tmp_path, "--dest-compress-format=gzip", "--dest-compress"
+    )
+    got = {k: v for k, v in listing(rootfs).items() if v[0] != "d"}
+    assert got == {
+        "etc/kept": ("f", 0o644, hashlib.sha256(b"kept\n").hexdigest()),
+        "var/cache/new": ("f", 0o644, hashlib.sha256(b"new\n").hexdigest()),
+    }
