@@ -261,9 +261,12 @@ class RegistryClient:
                 raise self._untrusted(exc) from None
             except (ssl.SSLError, ConnectionResetError, http.client.HTTPException) as exc:
                 # Not TLS on the other end: try plain HTTP when that is allowed.
-                if scheme == schemes[-1]:
-                    hint = "" if self.allow_http else "; plain HTTP needs --insecure"
-                    raise RegistryError(f"{self.host}: cannot talk TLS ({exc}){hint}") from None
+                if scheme == "http":
+                    raise RegistryError(f"{self.host}: no HTTP or HTTPS answer ({exc})") from None
+                if not self.allow_http:
+                    raise RegistryError(
+                        f"{self.host}: cannot talk TLS ({exc}); plain HTTP needs --insecure"
+                    ) from None
                 continue
             except OSError as exc:
                 raise RegistryError(f"cannot reach {self.host}: {exc.strerror or exc}") from None
