@@ -31,7 +31,7 @@ from cowfs.toc import DIR, Entry, Toc
 
 INDEX_MAGIC = b"COWIDX1\n"
 # Bumped whenever the merge or numbering rules change, so stale caches are never used.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 ROOT_INO = 1
 
 
@@ -59,17 +59,17 @@ class MergedIndex:
     # -- cache format --------------------------------------------------------------------------
 
     def dumps(self) -> bytes:
-        rows = []
-        for path, e in self.entries.items():
-            rows.append((
-                path, e.kind, e.mode, e.uid, e.gid, e.atime, e.mtime, e.ctime, e.size, e.digest,
-                e.target, e.rdev, e.link, e.xattrs or None, self.layer[path], self.ino[path],
-                self.nlink[path],
-            ))  # fmt: skip
-        payload = marshal.dumps(
-            (INDEX_VERSION, rows, {k: tuple(v) for k, v in self.children.items()},
-             {k: tuple(v) for k, v in self.aliases.items()})
-        )  # fmt: skip
+        # Column lists of plain values: marshal reads them at C speed and loads() rebuilds the
+        # dicts with zip/map, without a Python-level loop per entry.
+        paths = list(self.entries)
+        es = [self.entries[p] for p in paths]
+        columns = [[getattr(e, f) for e in es] for f in _ENTRY_FIELDS]
+        payload = marshal.dumps((
+            INDEX_VERSION, paths, columns, [self.layer[p] for p in paths],
+            [self.ino[p] for p in paths], [self.nlink[p] for p in paths],
+            {k: tuple(v) for k, v in self.children.items()},
+            {k: tuple(v) for k, v in self.aliases.items()},
+        ))  # fmt: skip
         return INDEX_MAGIC + xxhash.xxh128_digest(payload) + zstandard.compress(payload, 1)
 
     @classmethod
@@ -84,23 +84,25 @@ class MergedIndex:
         if xxhash.xxh128_digest(payload) != blob[len(INDEX_MAGIC) : head]:
             raise Corruption("merged index cache checksum mismatch")
         try:
-            version, rows, children, aliases = marshal.loads(payload)
+            version, *rest = marshal.loads(payload)
         except (EOFError, ValueError, TypeError) as exc:
             raise Corruption(f"merged index cache is unreadable: {exc}") from None
         if version != INDEX_VERSION:
             raise Corruption(f"merged index cache version {version} is not {INDEX_VERSION}")
+        paths, columns, layers, inos, nlinks, children, aliases = rest
         idx = cls()
-        entries, layer, ino, nlink = idx.entries, idx.layer, idx.ino, idx.nlink
-        for row in rows:
-            path = row[0]
-            xattrs = row[13]
-            entries[path] = Entry(*row[:13], xattrs=dict(xattrs) if xattrs else None)
-            layer[path] = row[14]
-            ino[path] = row[15]
-            nlink[path] = row[16]
+        idx.entries = dict(zip(paths, map(Entry, paths, *columns), strict=True))
+        idx.layer = dict(zip(paths, layers, strict=True))
+        idx.ino = dict(zip(paths, inos, strict=True))
+        idx.nlink = dict(zip(paths, nlinks, strict=True))
         idx.children = {k: list(v) for k, v in children.items()}
         idx.aliases = {k: list(v) for k, v in aliases.items()}
         return idx
+
+
+# Entry fields after `path`, in Entry's positional order.
+_ENTRY_FIELDS = ("kind", "mode", "uid", "gid", "atime", "mtime", "ctime", "size", "digest",
+                 "target", "rdev", "link", "xattrs")  # fmt: skip
 
 
 def merge(tocs: Sequence[Toc]) -> MergedIndex:

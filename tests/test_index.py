@@ -114,3 +114,11 @@ def test_damaged_cache_is_corruption() -> None:
         MergedIndex.loads(bytes(blob))
     with pytest.raises(Corruption):
         MergedIndex.loads(b"garbage")
+
+
+def test_cache_columns_follow_the_entry_fields() -> None:
+    import dataclasses
+
+    from cowfs.index import _ENTRY_FIELDS
+
+    assert ("path", *_ENTRY_FIELDS) == tuple(f.name for f in dataclasses.fields(Entry))
