@@ -21,6 +21,7 @@ Where cowfs is documented to do better than overlayfs, the reference is POSIX, n
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
 import shutil
@@ -85,6 +86,11 @@ def build_lowers(base: Path) -> list[Path]:
     os.chown(l1 / "own", 1000, 1000)
     _write(l1 / "suid", b"#!/bin/sh\n", 0o4755)
     (l1 / "empty").mkdir()
+    (l1 / "ud").mkdir()
+    _write(l1 / "ud" / "mine", b"user's\n", 0o600)
+    _write(l1 / "ud" / "roots", b"root's, in the user's dir\n", 0o644)
+    os.chown(l1 / "ud", USER, USER)
+    os.chown(l1 / "ud" / "mine", USER, USER)
     with open(l1 / "sparse", "wb") as f:
         f.seek(65536)
         f.write(b"end")
@@ -120,9 +126,9 @@ def _fix_times(root: Path) -> None:
 # fmt: off
 FILES = ["a/f1", "a/f2", "a/f4", "a/sub/deep/f3", "a/hl3", "hl1", "hl2", "b/k", "zero", "xf",
          "own", "suid", "sparse", "t", "x/y", "op/new", "sym", "dangling", "dsym", "fifo"]
-DIRS = ["a", "a/sub", "a/sub/deep", "b", "op", "x", "empty", ""]
+DIRS = ["a", "a/sub", "a/sub/deep", "b", "op", "x", "empty", "", "ud"]
 NEW = ["n1", "n2", "a/n3", "b/w1", "op/hidden", "t/child", "nd", "nd/n4", "empty/n5", "x/n6",
-       "a/sub/n7", "dsym/n8", "dangling"]
+       "a/sub/n7", "dsym/n8", "dangling", "ud/mine", "ud/roots", "ud/n9"]
 # fmt: on
 PATHS = sorted(set(FILES + DIRS + NEW))
 TARGETS = ["a/f1", "nowhere", "../hl1", "x", "/etc/hostname"]
@@ -337,8 +343,16 @@ def _content(fd: int) -> str:
 NB = os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: opening a fifo never waits for a peer
 
 
+USER = 1000  # an unprivileged user for permission checks (owns `own` and `ud` below)
+
+
 def run_op(side: Side, op: str, args: tuple) -> tuple:
-    """Apply one operation under `side.root`; ("ok", value) or ("err", errno name)."""
+    """Apply one operation under `side.root`; ("ok", value) or ("err", errno name).
+
+    `("as_user", op, *args)` runs `op` in a child process as uid/gid USER, so the mount's
+    permission checks (default_permissions, as the kernel makes them) are compared too."""
+    if op == "as_user":
+        return _as_user(side, args[0], args[1:])
     r = side.root
 
     def p(rel: str) -> str:
@@ -438,6 +452,29 @@ def run_op(side: Side, op: str, args: tuple) -> tuple:
     except OSError as exc:
         return _errname(exc)
     return ("ok", None)
+
+
+def _as_user(side: Side, op: str, args: tuple) -> tuple:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to USER, run, report, exit without pytest's cleanup
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(USER)
+            os.setuid(USER)
+            lone = Side(side.name, side.root, side.upper, side.work, lambda: None)
+            os.write(w, repr(run_op(lone, op, args)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        answer = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and answer, f"as_user {op}{args} crashed"
+    return ast.literal_eval(answer.decode())
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,6 +631,8 @@ _IDENTITY_OPS = {"create", "write_file", "mkdir", "rmdir", "unlink", "rename", "
 def identity_changes(op: str, args: tuple) -> set[str]:
     """Paths whose inode `op` may legitimately replace (their subtrees too): the names it
     creates, removes or moves. Every other path must keep its st_ino, copy-up or not."""
+    if op == "as_user":
+        return identity_changes(args[0], args[1:])
     if op not in _IDENTITY_OPS:
         return set()
     paths = {a for a in (args[1:] if op == "symlink" else args) if isinstance(a, str)}
@@ -818,6 +857,23 @@ SCENARIOS: dict[str, list[tuple]] = {
         ("held_read", 1), ("read", "n1"), ("hold", 2, "hl1"), ("held_write", 2, b"H"),
         ("read", "hl2"),
     ],
+    "permissions of an unprivileged user": [
+        ("as_user", "append", "own", b"mine\n"), ("as_user", "append", "a/f1", b"x"),
+        ("as_user", "read", "zero"), ("as_user", "read", "a/f1"), ("as_user", "read", "ud/mine"),
+        ("as_user", "create", "ud/n9", 0o644), ("as_user", "create", "n1", 0o644),
+        ("as_user", "unlink", "ud/roots"), ("as_user", "chmod", "a/f1", 0o777),
+        ("as_user", "chmod", "ud/mine", 0o4777), ("stat", "ud/mine"),
+        ("as_user", "chown", "ud/mine", USER, 0), ("as_user", "setxattr", "ud/mine", "user.u",
+        b"1"), ("as_user", "setxattr", "a/f1", "user.u", b"1"),
+        ("as_user", "setxattr", "ud/mine", "trusted.t", b"1"), ("as_user", "readdir", "ud"),
+        ("chmod", "ud", 0o700), ("as_user", "readdir", "ud"), ("chmod", "a", 0o700),
+        ("as_user", "readdir", "a"), ("as_user", "read", "a/f4"),
+        ("as_user", "rename", "ud/mine", "ud/n9"), ("as_user", "rename", "ud", "n2"),
+        ("as_user", "mkdir", "ud/d", 0o777), ("as_user", "utime", "ud/n9", T0 + 1),
+        ("as_user", "utime", "a/f1", T0 + 1), ("chmod", "b", 0o1777),
+        ("as_user", "unlink", "b/k"), ("as_user", "create", "b/n", 0o600),
+        ("as_user", "link", "hl1", "b/l"), ("as_user", "link", "own", "b/o"),
+    ],
     "xattrs on every kind": [
         ("setxattr", "a", "user.d", b"dir"), ("setxattr", "fifo", "user.p", b"x"),
         ("setxattr", "fifo", "trusted.p", b"x"), ("setxattr", "", "trusted.root", b"r"),
@@ -941,6 +997,19 @@ class UnionMachine(RuleBasedStateMachine):
     @rule(p=paths)
     def mkfifo(self, p):
         self.do("mkfifo", p)
+
+    @rule(op=st.sampled_from(["append", "read", "unlink", "readdir", "rmdir"]), p=paths,
+          d=data)  # fmt: skip
+    def user_op(self, op, p, d):
+        self.do("as_user", op, p, *([d] if op == "append" else []))
+
+    @rule(op=st.sampled_from(["create", "mkdir", "chmod"]), p=paths, mode=modes)
+    def user_op_mode(self, op, p, mode):
+        self.do("as_user", op, p, mode)
+
+    @rule(op=st.sampled_from(["rename", "link"]), src=paths, dst=paths)
+    def user_op_two(self, op, src, dst):
+        self.do("as_user", op, src, dst)
 
     @rule(p=paths)
     def readdir(self, p):
