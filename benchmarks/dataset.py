@@ -100,6 +100,10 @@ def load_or_build(data_dir: Path, profile: Profile, log: Callable[[str], None]) 
     if marker.exists():
         meta = json.loads(marker.read_text())
         if meta.get("format") == FORMAT:
+            if meta.get("untar_target") != profile.untar_files:
+                # Cheap to redo: only the untar workload's tar depends on this size.
+                _write_untar(root, root / "tree", profile.untar_files, meta)
+                _write_meta(marker, meta)
             return _from_meta(root, meta)
         log(f"dataset format changed, rebuilding {root}")
     if root.exists():
@@ -108,10 +112,26 @@ def load_or_build(data_dir: Path, profile: Profile, log: Callable[[str], None]) 
     root.mkdir(parents=True)
     ds = _build(root, profile, log)
     meta = {"format": FORMAT, **ds.summary(), "samples": ds.samples}
+    _write_untar(root, ds.tree, profile.untar_files, meta)
+    _write_meta(marker, meta)
+    return _from_meta(root, meta)
+
+
+def _write_meta(marker: Path, meta: dict) -> None:
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.rename(marker)
-    return ds
+
+
+def _write_untar(root: Path, tree: Path, target: int, meta: dict) -> None:
+    """untar.tar: the real subtree whose file count is closest to target."""
+    untar_dir, untar_files = _pick_subtree(tree, target)
+    tmp = root / "untar.tar.tmp"
+    _run(["tar", "-C", str(tree), "--numeric-owner", "-cf", str(tmp), untar_dir])
+    tmp.rename(root / "untar.tar")
+    meta["samples"]["untar_dir"] = [untar_dir]
+    meta["untar_files"] = untar_files
+    meta["untar_target"] = target
 
 
 def _from_meta(root: Path, meta: dict) -> Dataset:
@@ -177,9 +197,6 @@ def _build(root: Path, profile: Profile, log: Callable[[str], None]) -> Dataset:
 
     counts = _count(tree)
     samples = _samples(tree, profile)
-    untar_dir, untar_files = _pick_subtree(tree, profile.untar_files)
-    _run(["tar", "-C", str(tree), "--numeric-owner", "-cf", str(root / "untar.tar"), untar_dir])
-    samples["untar_dir"] = [untar_dir]
     return Dataset(
         root=root,
         profile=profile.name,
@@ -192,7 +209,6 @@ def _build(root: Path, profile: Profile, log: Callable[[str], None]) -> Dataset:
         layer_files=layer_files,
         tars=tars,
         samples=samples,
-        untar_files=untar_files,
         notes=notes,
     )
 
@@ -513,7 +529,7 @@ def _count(tree: Path) -> dict[str, int]:
     return c
 
 
-def _spaced(items: list[str], n: int) -> list[str]:
+def spaced(items: list[str], n: int) -> list[str]:
     """n items spread evenly over a sorted list: deterministic and not clustered in one dir."""
     if n >= len(items):
         return list(items)
@@ -536,10 +552,10 @@ def _samples(tree: Path, profile: Profile) -> dict[str, list[str]]:
         elif stat.S_ISREG(st.st_mode) and st.st_size <= 64 * 1024 and st.st_nlink == 1:
             small.append(rel)
     small.sort()
-    storm = _spaced(small, profile.storm_files)
+    storm = spaced(small, profile.storm_files)
     chosen = set(storm)
     rest = [s for s in small if s not in chosen]
-    rename_files = _spaced(rest, profile.rename_lower_files)
+    rename_files = spaced(rest, profile.rename_lower_files)
     # A renamed directory must not hold a file another workload touches; none do (they are
     # disjoint runs) but keep the directory set away from the file sets all the same.
     used_dirs = {f.rsplit("/", 1)[0] for f in storm + rename_files}
@@ -547,7 +563,7 @@ def _samples(tree: Path, profile: Profile) -> dict[str, list[str]]:
     return {
         "storm": storm,
         "rename_files": rename_files,
-        "rename_dirs": _spaced(dirs, profile.rename_lower_dirs),
+        "rename_dirs": spaced(dirs, profile.rename_lower_dirs),
     }
 
 

@@ -162,6 +162,12 @@ def _ratio_cell(entry: dict, against: str, cowfs: list[str]) -> str:
     return " ".join(parts) or "–"
 
 
+def _stopped(doc: dict) -> str:
+    if not doc.get("stopped_early"):
+        return ""
+    return f" (of {doc.get('runs_requested', '?')} requested; {doc['stopped_early']})"
+
+
 def _short(system: str) -> str:
     return {"cowfs": "store"}.get(system, system.removeprefix("cowfs-"))
 
@@ -182,7 +188,7 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
         "# cowfs benchmark results",
         "",
         f"`{doc['command']}` — {doc['created']}, profile **{doc['profile']['name']}**, "
-        f"{doc['runs']} run(s) per system, interleaved; the whole suite took "
+        f"{doc['runs']} run(s) per system{_stopped(doc)}, interleaved; the whole suite took "
         f"{doc['duration_s'] / 60:.1f} min. Raw samples: [{rel['json']}]({rel['json']}); "
         f"chart: [{rel['chart']}]({rel['chart']}). Reproduce with `make bench` as root (it "
         "builds the data once: debootstrap needs the Debian mirror apt uses).",

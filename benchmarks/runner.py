@@ -40,8 +40,14 @@ def run_suite(
     data_dir: Path,
     command: str,
     log: Log,
+    budget_s: float | None = None,
+    on_run: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Build or load the data, measure everything, and return the results document (JSON-able)."""
+    """Build or load the data, measure everything, and return the results document (JSON-able).
+
+    on_run gets the document after every completed run (so a long suite leaves results even if it
+    is stopped); with budget_s, no run starts that would, at the last run's pace, end past it.
+    """
     started = time.time()
     ds = _dataset.load_or_build(data_dir, profile, log)
     work = out / "work"
@@ -88,8 +94,36 @@ def run_suite(
             }
 
     once: dict[str, object] = {}
+    done = 0  # runs completed
+    stopped = ""
+
+    def document() -> dict:
+        results = []
+        for key in order:
+            entry = dict(metrics[key])
+            _summarize(entry)
+            results.append(entry)
+        doc = {
+            "schema": SCHEMA,
+            "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": command,
+            "profile": profile.as_dict(),
+            "runs": done,
+            "runs_requested": runs,
+            "duration_s": round(time.time() - started, 1),
+            "machine": machine.describe(data_dir),
+            "dataset": ds.summary(),
+            "systems": sys_info,
+            "results": results,
+            **once,
+        }
+        if stopped:
+            doc["stopped_early"] = stopped
+        return doc
+
     try:
         for r in range(runs):
+            run_started = time.time()
             for wi, w in enumerate(workloads):
                 eligible = [s for s in live if w.applies_to(s)]
                 if not eligible:
@@ -97,6 +131,14 @@ def run_suite(
                 k = (r + wi) % len(eligible)
                 for s in eligible[k:] + eligible[:k]:
                     _one_sample(ctx, w, s, r, metrics, log)
+            done = r + 1
+            if on_run is not None:
+                on_run(document())  # a checkpoint: the report of the runs so far
+            took = time.time() - run_started
+            if budget_s is not None and done < runs and time.time() - started + took > budget_s:
+                stopped = f"time budget: another run would end past {budget_s / 60:.0f} min"
+                log(f"stopping after {done} run(s): {stopped}")
+                break
         for w in workloads:
             if w.once:
                 log(f"{w.name}: measuring once")
@@ -105,24 +147,13 @@ def run_suite(
                 except (CowfsError, OSError, subprocess.SubprocessError) as exc:
                     once[w.name] = {"error": str(exc)}
                     log(f"{w.name}: ERROR {exc}")
+    except KeyboardInterrupt:
+        # Keep what was measured: the samples of the unfinished run are kept too.
+        stopped = f"interrupted during run {done + 1}"
+        log(stopped)
     finally:
         _clean_work(work)
-
-    for key in order:
-        _summarize(metrics[key])
-    return {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": command,
-        "profile": profile.as_dict(),
-        "runs": runs,
-        "duration_s": round(time.time() - started, 1),
-        "machine": machine.describe(data_dir),
-        "dataset": ds.summary(),
-        "systems": sys_info,
-        "results": [metrics[k] for k in order],
-        **once,
-    }
+    return document()
 
 
 def _one_sample(ctx: Context, w: Workload, s: System, r: int, metrics: dict, log: Log) -> None:
@@ -168,6 +199,7 @@ def _abort_fuse_under(run_dir: Path, log: Log) -> None:
 
 
 def _summarize(entry: dict) -> None:
+    entry["samples"] = {k: list(v) for k, v in entry["samples"].items()}
     for field in ("median", "min", "max"):
         entry[field] = {}
     for name, xs in entry["samples"].items():

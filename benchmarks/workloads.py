@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import proc
-from benchmarks.dataset import BENCH_DIR, COPYUP_BIG, COPYUP_SMALL, SEQ_FILE, Dataset
+from benchmarks.dataset import BENCH_DIR, COPYUP_BIG, COPYUP_SMALL, SEQ_FILE, Dataset, spaced
 from benchmarks.profile import MiB, Profile
 from benchmarks.systems import CowfsStore, System, View, cli_missing, reap, release
 from cowfs.errors import CowfsError
@@ -294,7 +294,7 @@ class CopyUpStorm(_Appends):
         return f"copy-up storm: append 1 byte to {profile.storm_files} small lower files, cold"
 
     def targets(self, ctx: Context) -> list[str]:
-        return ctx.ds.samples["storm"]
+        return spaced(ctx.ds.samples["storm"], ctx.profile.storm_files)
 
 
 # ----------------------------------------------------------------------------- metadata churn
@@ -384,20 +384,25 @@ class RenameChurn(Workload):
             for d in range(5):
                 os.rename(base / f"d{d}" / f"f{i}", base / f"d{d + 1}" / f"f{i}")
         exdev = 0
-        for group in ("rename_files", "rename_dirs"):
-            for rel in ctx.ds.samples[group]:
-                src = view.path / rel
-                dst = view.path / (rel + RENAMED)
-                exdev += _rename(src, dst)
-                exdev += _rename(dst, src)
+        for rel in self.lower_targets(ctx):
+            src = view.path / rel
+            dst = view.path / (rel + RENAMED)
+            exdev += _rename(src, dst)
+            exdev += _rename(dst, src)
         return {"exdev_fallbacks": exdev} if exdev else {}
 
     def undo(self, ctx: Context, view: View) -> None:
         super().undo(ctx, view)
-        for group in ("rename_files", "rename_dirs"):
-            for rel in ctx.ds.samples[group]:
-                if os.path.lexists(view.path / (rel + RENAMED)):
-                    os.rename(view.path / (rel + RENAMED), view.path / rel)
+        for rel in self.lower_targets(ctx):
+            if os.path.lexists(view.path / (rel + RENAMED)):
+                os.rename(view.path / (rel + RENAMED), view.path / rel)
+
+    @staticmethod
+    def lower_targets(ctx: Context) -> list[str]:
+        p, samples = ctx.profile, ctx.ds.samples
+        return spaced(samples["rename_files"], p.rename_lower_files) + spaced(
+            samples["rename_dirs"], p.rename_lower_dirs
+        )
 
 
 def _rename(src: Path, dst: Path) -> int:

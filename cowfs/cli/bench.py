@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,13 @@ from cowfs.errors import CowfsError, InvalidInput
     default=None,
     help="Also write the Markdown report here (make bench: benchmarks/RESULTS.md).",
 )
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=1),
+    default=None,
+    metavar="MINUTES",
+    help="Start no run that would end past this many minutes (at the last run's pace).",
+)
 @click.option("--list", "list_only", is_flag=True, help="List workloads and systems, then exit.")
 def bench(
     quick: bool,
@@ -59,6 +67,7 @@ def bench(
     out: Path,
     data: Path | None,
     report: Path | None,
+    budget: float | None,
     list_only: bool,
 ) -> None:
     """Measure cowfs against kernel overlayfs, fuse-overlayfs and native on the same data."""
@@ -91,6 +100,8 @@ def bench(
     if os.geteuid() != 0:
         raise CowfsError("cowfs bench needs root (it mounts filesystems and drops caches)")
 
+    # `make`, `timeout` and CI stop with SIGTERM: end like Ctrl-C, which keeps what was measured.
+    signal.signal(signal.SIGTERM, _interrupt)
     out = out.resolve()
     data_dir = (data or runner.default_data_dir(out)).resolve()
     started = time.monotonic()
@@ -107,10 +118,18 @@ def bench(
         data_dir=data_dir,
         command=_command_line(),
         log=log,
+        budget_s=budget * 60 if budget else None,
+        on_run=lambda partial: report_mod.write_all(partial, out, report),
     )
     paths = report_mod.write_all(doc, out, report)
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}")
+    if doc.get("stopped_early", "").startswith("interrupted"):
+        raise SystemExit(130)  # the partial report is written, but the suite did not finish
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _command_line() -> str:
