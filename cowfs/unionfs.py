@@ -761,7 +761,8 @@ class UnionFS:
                 os.ftruncate(h.fd, length)
                 self._changed(self._others(h.path, h.host_ino))
                 return
-        assert path is not None
+        if path is None:
+            raise err(errno.EBADF)  # an unlinked file opened read-only from the lower
         self._to_upper(path, data=length > 0)
         assert self.upper is not None
         fd = self.upper.open(path, os.O_WRONLY)

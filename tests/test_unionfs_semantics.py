@@ -559,3 +559,79 @@ def test_read_only_mount_refuses_changes(union: Union) -> None:
     assert exc.value.errno == errno.EROFS
     assert read(union.m("d/a")) == "lower a\n"
     assert os.listdir(union.upper) == []
+
+
+# -- concurrency and loop variants ---------------------------------------------------------------
+
+
+def _worker(mnt: str, n: int) -> dict[str, str]:
+    """One process's share of the stress test: its own dir, plus copy-ups of shared lower files."""
+    import random
+
+    rng = random.Random(n)
+    mine = Path(mnt) / f"w{n}"
+    mine.mkdir()
+    expect: dict[str, str] = {}
+    for i in range(300):
+        op = rng.choice(["create", "append", "rename", "unlink", "mkdir", "lower"])
+        names = sorted(expect)
+        if op == "create" or not names:
+            name = f"w{n}/f{i}"
+            Path(mnt, name).write_text(f"{n}-{i}")
+            expect[name] = f"{n}-{i}"
+        elif op == "append":
+            name = rng.choice(names)
+            with open(Path(mnt, name), "a") as f:
+                f.write("+")
+            expect[name] += "+"
+        elif op == "rename":
+            name = rng.choice(names)
+            new = f"w{n}/r{i}"
+            os.rename(Path(mnt, name), Path(mnt, new))
+            expect[new] = expect.pop(name)
+        elif op == "unlink":
+            name = rng.choice(names)
+            os.unlink(Path(mnt, name))
+            del expect[name]
+        elif op == "mkdir":
+            os.mkdir(mine / f"d{i}")
+        else:  # everyone copies up and reads the same lower files
+            for lower in ("d/a", "d/sub/deep", "h1"):
+                assert Path(mnt, lower).read_text().startswith(("lower a", "deep", "linked"))
+            os.utime(Path(mnt, "d/a"))
+    return expect
+
+
+def test_many_processes_at_once(union: Union) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(4) as pool:
+        results = list(pool.map(_worker, [str(union.mnt)] * 4, range(4)))
+    for _ in range(2):
+        for expect in results:
+            for name, content in expect.items():
+                assert read(union.m(name)) == content
+            files = {f"{Path(dp).relative_to(union.mnt)}/{f}" for dp, _, fs in
+                     os.walk(union.mnt) for f in fs}  # fmt: skip
+            assert set(expect) <= files
+        assert read(union.m("d/a")) == "lower a\n"
+        union.remount()
+    assert os.listdir(union.work) == []
+
+
+@pytest.mark.parametrize("threads, writeback", [(True, False), (False, True)])
+def test_loop_variants_serve_the_same_tree(union: Union, threads: bool, writeback: bool) -> None:
+    union.umount()
+    mounting.mount_dirs([str(d) for d in union.lowers], union.mnt, union.upper, union.work,
+                        threads=threads, writeback=writeback)  # fmt: skip
+    with open(union.m("d/a"), "a") as f:
+        f.write("x")
+    with open(union.m("d/a"), "r+b") as f:
+        f.seek(2)
+        f.write(b"W")
+    assert read(union.m("d/a")) == "loWer a\nx"
+    Path(union.m("d/new")).write_bytes(b"n" * 100_000)
+    os.rename(union.m("d"), union.m("d2"))
+    union.remount()
+    assert read(union.m("d2/a")) == "loWer a\nx"
+    assert Path(union.m("d2/new")).read_bytes() == b"n" * 100_000
