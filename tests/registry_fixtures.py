@@ -17,6 +17,7 @@ import io
 import json
 import os
 import socket
+import socketserver
 import ssl
 import subprocess
 import tarfile
@@ -188,6 +189,73 @@ def _wait_ready(proc: subprocess.Popen, reg: Registry, log: Path) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"docker-registry did not come up: {log.read_text()[-2000:]}")
+
+
+# -- an HTTP proxy (CONNECT tunnels and absolute-form requests) --------------------------------
+
+
+@dataclass
+class Proxy:
+    url: str  # "http://127.0.0.1:PORT"
+    log: list[tuple[str, str]]  # (method, target) of the first request on each connection
+
+
+@contextlib.contextmanager
+def run_proxy() -> Iterator[Proxy]:
+    """A forwarding proxy: CONNECT host:port opens a tunnel; an absolute-form request
+    (GET http://host/...) is passed on as it is (registries accept absolute-form too)."""
+    log: list[tuple[str, str]] = []
+
+    class H(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            client = self.request
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            method, target = head.split(b"\r\n", 1)[0].decode().split(" ")[:2]
+            log.append((method, target))
+            if method == "CONNECT":
+                host, port = target.rsplit(":", 1)
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                first = head.split(b"\r\n\r\n", 1)[1]
+            else:
+                netloc = urllib.parse.urlsplit(target).netloc
+                host, _, port = netloc.partition(":")
+                port = port or "80"
+                first = head
+            with socket.create_connection((host, int(port))) as upstream:
+                if first:
+                    upstream.sendall(first)
+                _pipe(client, upstream)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), H)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield Proxy(f"http://127.0.0.1:{server.server_address[1]}", log)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until one side closes."""
+    import select
+
+    while True:
+        ready, _, _ = select.select([a, b], [], [], 30)
+        if not ready:
+            return
+        for s in ready:
+            data = s.recv(65536)
+            if not data:
+                return
+            (b if s is a else a).sendall(data)
 
 
 # -- a token service (Bearer auth) for docker-registry --------------------------------------------

@@ -27,6 +27,8 @@ from tests.registry_fixtures import (
     auth_registry_fixture,  # noqa: F401 - the fixture auth_registry
     fake_registry,
     isolate_credentials,
+    registry_fixture,  # noqa: F401 - the fixture registry
+    run_proxy,
     run_registry,
     run_token_service,
     sha,
@@ -388,3 +390,32 @@ def test_skopeo_login_credentials_are_used(
     store = Store(tmp_path / "store")
     import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
     assert push(store, "src:v1", f"{reg.host}/app:v1").uploaded == 1
+
+
+# -- proxies ------------------------------------------------------------------------------------
+
+
+def test_through_proxies(
+    registry: Registry, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$https_proxy tunnels with CONNECT, $http_proxy gets absolute URLs, $no_proxy exempts."""
+    for var in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    store = Store(tmp_path / "store")
+    import_rootfs(store, _tree(tmp_path / "src"), "src:v1")
+    with run_proxy() as proxy:
+        monkeypatch.setenv("https_proxy", proxy.url)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.cert))
+        push(store, "src:v1", f"{tls_registry.host}/app:v1")
+        assert ("CONNECT", tls_registry.host) in proxy.log
+        monkeypatch.delenv("https_proxy")
+
+        monkeypatch.setenv("http_proxy", proxy.url)
+        push(store, "src:v1", f"{registry.host}/app:v1")
+        assert ("GET", f"http://{registry.host}/v2/") in proxy.log
+        assert pull(Store(tmp_path / "fresh"), f"{registry.host}/app:v1").downloaded == 1
+
+        proxy.log.clear()
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        push(store, "src:v1", f"{registry.host}/app:v2")
+        assert proxy.log == []

@@ -3,7 +3,8 @@
 Plain http.client over per-thread keep-alive connections, so a small thread pool can download
 layers in parallel. HTTPS by default; plain HTTP only with `insecure` or for a registry on this
 machine (localhost, 127.0.0.0/8, ::1: docker's default insecure registries). TLS certificates are
-verified unless `insecure`; a private CA is trusted through $SSL_CERT_FILE. The first request
+verified unless `insecure`; a private CA is trusted through $SSL_CERT_FILE. $https_proxy,
+$http_proxy and $no_proxy are honoured as curl and docker do. The first request
 (GET /v2/) picks the scheme and learns the authentication challenge; a 401 later (a token that
 expired, a new scope) is answered once and the request retried.
 
@@ -13,6 +14,7 @@ once, a short one is 'truncated', and the sha256 must match the digest.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import io
@@ -22,6 +24,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -110,6 +113,40 @@ class Transport:
         for key in list(self._pool()):
             self.drop(key)
 
+    def _connect(self, parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+        """A new connection, through $https_proxy/$http_proxy unless $no_proxy exempts the
+        host: HTTPS tunnels with CONNECT, plain HTTP sends absolute URLs to the proxy."""
+        if parts.scheme not in ("http", "https"):
+            raise RegistryError(f"unsupported URL scheme {parts.scheme!r}")
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
+            proxy = None
+        proxy_auth = {}
+        if proxy:
+            p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+            if p.username:
+                raw = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+                proxy_auth["Proxy-Authorization"] = (
+                    "Basic " + base64.b64encode(raw.encode()).decode()
+                )
+            where = p.hostname + (f":{p.port}" if p.port else "")
+        else:
+            where = parts.netloc
+        # Uploads are sent in blocks of CHUNK bytes (8 KiB by default: slow).
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                where, timeout=self.timeout, context=self.ssl_context, blocksize=CHUNK
+            )
+            if proxy:
+                conn.set_tunnel(parts.hostname or "", parts.port or 443, headers=proxy_auth)
+        else:
+            conn = http.client.HTTPConnection(where, timeout=self.timeout, blocksize=CHUNK)
+            if proxy:
+                conn.cowfs_absolute = True  # type: ignore[attr-defined]
+                conn.cowfs_proxy_headers = proxy_auth  # type: ignore[attr-defined]
+        return conn
+
     def send(
         self, method: str, url: str, headers: dict[str, str], body: bytes | BinaryIO | None
     ) -> Response:
@@ -124,23 +161,13 @@ class Transport:
             conn = pool.get(key)
             reused = conn is not None
             if conn is None:
-                if parts.scheme == "https":
-                    conn = http.client.HTTPSConnection(
-                        parts.netloc,
-                        timeout=self.timeout,
-                        context=self.ssl_context,
-                        blocksize=CHUNK,
-                    )
-                elif parts.scheme == "http":
-                    # Uploads are sent in blocks of this size (8 KiB by default: slow).
-                    conn = http.client.HTTPConnection(
-                        parts.netloc, timeout=self.timeout, blocksize=CHUNK
-                    )
-                else:
-                    raise RegistryError(f"unsupported URL {url}")
+                conn = self._connect(parts)
                 pool[key] = conn
+            if getattr(conn, "cowfs_absolute", False):
+                target = url  # through an HTTP proxy: the request line names the whole URL
             try:
-                conn.request(method, target, body=body, headers=headers)
+                extra = getattr(conn, "cowfs_proxy_headers", None)
+                conn.request(method, target, body=body, headers={**headers, **(extra or {})})
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self.drop(key)
