@@ -116,18 +116,22 @@ def _spawn(spec: dict[str, Any]) -> int:
     """Start the daemon for `spec` and return its pid once the mount is live."""
     r, w = os.pipe()
     spec = dict(spec, ready_fd=w)
+    # The daemon's own errors (an unexpected exception in a FUSE call) go to a log beside its
+    # pid file: it has no terminal.
+    log = open(_pidfile(spec["mountpoint"]).with_suffix(".log"), "ab")  # noqa: SIM115
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cowfs.mounting", "--daemon", json.dumps(spec)],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL if not spec.get("debug") else None,
+            stderr=log if not spec.get("debug") else None,
             start_new_session=True,  # terminal signals to the caller must not kill the mount
             cwd="/",
         )
     finally:
         os.close(w)
+        log.close()
     try:
         chunks = []
         while chunk := os.read(r, 4096):
@@ -147,8 +151,11 @@ _DAEMONS: dict[int, subprocess.Popen] = {}
 
 
 def _daemon_main(spec: dict[str, Any]) -> int:
+    import logging
+
     from cowfs.fuse import serve
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     ready_fd = spec["ready_fd"]
     os.umask(0)  # modes are set explicitly on every created entry
     try:
@@ -186,6 +193,9 @@ def _daemon_main(spec: dict[str, Any]) -> int:
         return 2
     finally:
         pidfile.unlink(missing_ok=True)
+        logfile = pidfile.with_suffix(".log")
+        if logfile.exists() and not logfile.stat().st_size:
+            logfile.unlink(missing_ok=True)
     _tell(ready_fd, "error FUSE did not start (is /dev/fuse usable?)")
     return 0
 

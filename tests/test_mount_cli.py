@@ -126,7 +126,7 @@ def test_mount_without_upper_uses_a_fresh_dir_and_read_only_refuses(store_root: 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["mount", "nosuch:image", "MNT"], "Error: image nosuch:image not found"),
+    (["mount", "127.0.0.1:9/nosuch:image", "MNT"], "Error: "),  # not stored, not pullable
     (["mount", "test:latest", "/nonexistent/dir"], "Error: mount point /nonexistent/dir is"),
     (["mount", "test:latest", "MNT", "--upper", "/tmp"], "Error: --upper and --work go together"),
     (["umount", "MNT"], "is not mounted"),
