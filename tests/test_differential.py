@@ -22,6 +22,7 @@ Where cowfs is documented to do better than overlayfs, the reference is POSIX, n
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
 import os
 import shutil
@@ -86,6 +87,7 @@ def build_lowers(base: Path) -> list[Path]:
     os.chown(l1 / "own", 1000, 1000)
     _write(l1 / "suid", b"#!/bin/sh\n", 0o4755)
     (l1 / "empty").mkdir()
+    _deep_lower(l1 / "deep", DEEP_LOWER, b"at the bottom of a path longer than PATH_MAX\n")
     (l1 / "ud").mkdir()
     _write(l1 / "ud" / "mine", b"user's\n", 0o600)
     _write(l1 / "ud" / "roots", b"root's, in the user's dir\n", 0o644)
@@ -115,11 +117,47 @@ def build_lowers(base: Path) -> list[Path]:
     return [l2, l1]
 
 
+DEEP_NAME = "L" * 250
+DEEP_LOWER = 17  # 17 levels of 251 bytes: longer than PATH_MAX (4096)
+
+
+def _deep_lower(top: Path, depth: int, data: bytes) -> None:
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(DEEP_NAME, dir_fd=fd)
+            sub = os.open(DEEP_NAME, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, data)
+        os.close(leaf)
+    finally:
+        os.close(fd)
+
+
 def _fix_times(root: Path) -> None:
-    paths = sorted((p for p in root.rglob("*")), key=lambda p: -len(p.parts)) + [root]
-    for i, p in enumerate(paths):
-        t = T0 + i * 1_000_000_007
-        os.utime(p, ns=(t, t), follow_symlinks=False)
+    """Fixed, old times on every entry (children before parents), with dir fds (long paths)."""
+    counter = iter(range(1 << 30))
+
+    def visit(dfd: int, name: str) -> None:
+        st_ = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISDIR(st_.st_mode):
+            fd = os.open(name, _DIR, dir_fd=dfd)
+            try:
+                for child in sorted(os.listdir(fd)):
+                    visit(fd, child)
+            finally:
+                os.close(fd)
+        t = T0 + next(counter) * 1_000_000_007
+        os.utime(name, ns=(t, t), dir_fd=dfd, follow_symlinks=False)
+
+    parent = os.open(root.parent, _DIR)
+    try:
+        visit(parent, root.name)
+    finally:
+        os.close(parent)
 
 
 # Names the operations draw from: lower files and dirs, names hidden below, and new names.
@@ -430,6 +468,8 @@ def run_op(side: Side, op: str, args: tuple) -> tuple:
         elif op == "stat":
             s = os.stat(p(args[0]), follow_symlinks=False)
             return ("ok", (stat.filemode(s.st_mode), s.st_uid, s.st_gid))
+        elif op == "deep":
+            return _deep_op(r, *args)
         elif op == "hold":  # open and keep: the file may be unlinked or renamed meanwhile
             slot, path = args
             if slot in side.held:
@@ -451,6 +491,48 @@ def run_op(side: Side, op: str, args: tuple) -> tuple:
             raise ValueError(op)
     except OSError as exc:
         return _errname(exc)
+    return ("ok", None)
+
+
+def _deep_op(root: str, action: str, depth: int, leaf: str, payload: bytes | str | None) -> tuple:
+    """An operation `depth` DEEP_NAME levels below "deep": by dir fds, past PATH_MAX."""
+    fd = os.open(os.path.join(root, "deep"), _DIR)
+    try:
+        for _ in range(depth):
+            if action == "mkdirs":
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(DEEP_NAME, 0o755, dir_fd=fd)
+            sub = os.open(DEEP_NAME, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        if action == "write":
+            assert isinstance(payload, bytes)
+            wfd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640, dir_fd=fd)
+            try:
+                os.write(wfd, payload)
+            finally:
+                os.close(wfd)
+        elif action == "read":
+            rfd = os.open(leaf, os.O_RDONLY, dir_fd=fd)
+            try:
+                return ("ok", _content(rfd))
+            finally:
+                os.close(rfd)
+        elif action == "rename":
+            assert isinstance(payload, str)
+            os.rename(leaf, payload, src_dir_fd=fd, dst_dir_fd=fd)
+        elif action == "unlink":
+            os.unlink(leaf, dir_fd=fd)
+        elif action == "chmod":
+            os.chmod(leaf, 0o600, dir_fd=fd)
+        elif action == "listdir":
+            return ("ok", sorted(os.listdir(fd)))
+        elif action != "mkdirs":
+            raise ValueError(action)
+    except OSError as exc:
+        return _errname(exc)
+    finally:
+        os.close(fd)
     return ("ok", None)
 
 
@@ -498,10 +580,10 @@ def posix_rename(root: str, src: str, dst: str) -> tuple:
         os.rmdir(d)
     tree = os.path.join(root, src) + "/"
     outside: dict[int, str] = {}  # inode -> an alias outside the moved tree
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(root):  # fwalk: no PATH_MAX limit
         for n in filenames + dirnames:
             path = os.path.join(dirpath, n)
-            st_ = os.lstat(path)
+            st_ = os.stat(n, dir_fd=dirfd, follow_symlinks=False)
             if not stat.S_ISDIR(st_.st_mode) and st_.st_nlink > 1 and not path.startswith(tree):
                 outside.setdefault(st_.st_ino, path)
     _copy_tree(s, d, outside, {})
@@ -553,13 +635,16 @@ def _copy_tree(src: str, dst: str, outside: dict[int, str], copied: dict[int, st
 
 
 def snapshot(root: str, start_ns: int, raw_mtime: bool = False) -> dict[str, dict]:
-    """Everything comparable about every entry under `root` (which must not change meanwhile)."""
+    """Everything comparable about every entry under `root` (which must not change meanwhile).
+
+    Walks with directory fds and *at calls only, so paths longer than PATH_MAX are seen too."""
     out: dict[str, dict] = {}
     d_ino: dict[str, int] = {}
 
-    def visit(rel: str) -> None:
-        path = os.path.join(root, rel) if rel else root
-        st_ = os.lstat(path)
+    def visit(dfd: int, name: str, rel: str) -> None:
+        """`name` in the directory `dfd` ("" and dfd itself for the root)."""
+        st_ = os.fstat(dfd) if not name else os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        xpath = f"/proc/self/fd/{dfd}/{name or '.'}"  # the *xattr calls have no dir_fd form
         kind = stat.S_IFMT(st_.st_mode)
         info: dict = {
             "type": stat.filemode(st_.st_mode)[0],
@@ -570,38 +655,50 @@ def snapshot(root: str, start_ns: int, raw_mtime: bool = False) -> dict[str, dic
             "ino": st_.st_ino,
             "mtime": st_.st_mtime_ns,
             "xattrs": {
-                n: os.getxattr(path, n, follow_symlinks=False)
-                for n in sorted(os.listxattr(path, follow_symlinks=False))
+                n: os.getxattr(xpath, n, follow_symlinks=False)
+                for n in sorted(os.listxattr(xpath, follow_symlinks=False))
             },
         }
         if not raw_mtime and st_.st_mtime_ns >= start_ns:
             info["mtime"] = "changed"
         if kind == stat.S_IFREG:
             info["size"] = st_.st_size
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
             try:
                 info["content"] = _content(fd)
             finally:
                 os.close(fd)
         elif kind == stat.S_IFLNK:
             info["size"] = st_.st_size
-            info["target"] = os.readlink(path)
+            info["target"] = os.readlink(name, dir_fd=dfd)
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             info["rdev"] = st_.st_rdev
         out[rel] = info
-        if kind == stat.S_IFDIR:
-            with os.scandir(path) as it:
+        if kind != stat.S_IFDIR:
+            return
+        fd = os.open(name, _DIR, dir_fd=dfd) if name else os.dup(dfd)
+        try:
+            with os.scandir(fd) as it:
                 children = sorted((e.name, e.inode()) for e in it)
             info["children"] = [n for n, _ in children]
-            for name, ino in children:
-                child = f"{rel}/{name}" if rel else name
+            for child_name, ino in children:
+                child = f"{rel}/{child_name}" if rel else child_name
                 d_ino[child] = ino
-                visit(child)
+                visit(fd, child_name, child)
+        finally:
+            os.close(fd)
 
-    visit("")
+    root_fd = os.open(root, _DIR)
+    try:
+        visit(root_fd, "", "")
+    finally:
+        os.close(root_fd)
     for rel, ino in d_ino.items():
         out[rel]["d_ino"] = ino
     return out
+
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def check_invariants(snap: dict[str, dict], deviations: frozenset[str]) -> list[str]:
@@ -873,6 +970,16 @@ SCENARIOS: dict[str, list[tuple]] = {
         ("as_user", "utime", "a/f1", T0 + 1), ("chmod", "b", 0o1777),
         ("as_user", "unlink", "b/k"), ("as_user", "create", "b/n", 0o600),
         ("as_user", "link", "hl1", "b/l"), ("as_user", "link", "own", "b/o"),
+    ],
+    "paths longer than PATH_MAX": [
+        ("deep", "read", DEEP_LOWER, "leaf", None), ("deep", "listdir", DEEP_LOWER, "", None),
+        ("deep", "write", DEEP_LOWER, "leaf", b"rewritten deep down\n"),
+        ("deep", "read", DEEP_LOWER, "leaf", None), ("deep", "chmod", DEEP_LOWER - 1, "L" * 250,
+        None), ("deep", "mkdirs", DEEP_LOWER + 2, "", None),
+        ("deep", "write", DEEP_LOWER + 2, "new", b"x"),
+        ("deep", "rename", DEEP_LOWER + 2, "new", "renamed"),
+        ("deep", "listdir", DEEP_LOWER + 2, "", None), ("deep", "unlink", DEEP_LOWER, "leaf", None),
+        ("deep", "read", DEEP_LOWER, "leaf", None), ("deep", "listdir", DEEP_LOWER, "", None),
     ],
     "xattrs on every kind": [
         ("setxattr", "a", "user.d", b"dir"), ("setxattr", "fifo", "user.p", b"x"),
