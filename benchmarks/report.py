@@ -162,6 +162,19 @@ def _ratio_cell(entry: dict, against: str, cowfs: list[str]) -> str:
     return " ".join(parts) or "–"
 
 
+def _code_line(doc: dict) -> list[str]:
+    code = doc.get("cowfs_code") or {}
+    if code.get("pinned"):
+        text = f"cowfs measured as of commit `{str(code['commit'])[:12]}`"
+        pending = code.get("uncommitted_changes_not_measured") or []
+        if pending:
+            text += f" (uncommitted changes to {len(pending)} file(s) were not measured)"
+        return [text + ".", ""]
+    if code:
+        return [f"cowfs code: {code.get('reason', 'working tree')}.", ""]
+    return []
+
+
 def _stopped(doc: dict) -> str:
     if not doc.get("stopped_early"):
         return ""
@@ -193,6 +206,7 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
         f"chart: [{rel['chart']}]({rel['chart']}). Reproduce with `make bench` as root (it "
         "builds the data once: debootstrap needs the Debian mirror apt uses).",
         "",
+        *_code_line(doc),
         "## Machine",
         "",
         "| CPU | cores | RAM | kernel | OS | data on |",

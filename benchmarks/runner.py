@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import dataset as _dataset
-from benchmarks import machine
+from benchmarks import machine, pin
 from benchmarks.profile import Profile
 from benchmarks.systems import System, mount_options, mounted, release
 from benchmarks.workloads import Context, Workload
@@ -42,6 +42,7 @@ def run_suite(
     log: Log,
     budget_s: float | None = None,
     on_run: Callable[[dict], None] | None = None,
+    pin_code: bool = True,
 ) -> dict:
     """Build or load the data, measure everything, and return the results document (JSON-able).
 
@@ -49,6 +50,9 @@ def run_suite(
     is stopped); with budget_s, no run starts that would, at the last run's pace, end past it.
     """
     started = time.time()
+    code = pin.pin(out / "code") if pin_code else {"pinned": False, "reason": "--no-pin"}
+    if code.get("pinned"):
+        log(f"measuring cowfs as of commit {str(code['commit'])[:12]} (exported to {code['code']})")
     ds = _dataset.load_or_build(data_dir, profile, log)
     work = out / "work"
     _clean_work(work)
@@ -112,6 +116,7 @@ def run_suite(
             "runs_requested": runs,
             "duration_s": round(time.time() - started, 1),
             "machine": machine.describe(data_dir),
+            "cowfs_code": code,
             "dataset": ds.summary(),
             "systems": sys_info,
             "results": results,

@@ -58,6 +58,13 @@ from cowfs.errors import CowfsError, InvalidInput
     metavar="MINUTES",
     help="Start no run that would end past this many minutes (at the last run's pace).",
 )
+@click.option(
+    "--pin/--no-pin",
+    "pin_code",
+    default=True,
+    show_default=True,
+    help="Measure cowfs as of git HEAD (exported under OUT/code), not the working tree.",
+)
 @click.option("--list", "list_only", is_flag=True, help="List workloads and systems, then exit.")
 def bench(
     quick: bool,
@@ -68,6 +75,7 @@ def bench(
     data: Path | None,
     report: Path | None,
     budget: float | None,
+    pin_code: bool,
     list_only: bool,
 ) -> None:
     """Measure cowfs against kernel overlayfs, fuse-overlayfs and native on the same data."""
@@ -104,6 +112,11 @@ def bench(
     signal.signal(signal.SIGTERM, _interrupt)
     out = out.resolve()
     data_dir = (data or runner.default_data_dir(out)).resolve()
+    report = report.resolve() if report else None
+    out.mkdir(parents=True, exist_ok=True)
+    # `python -m` puts the current directory first on sys.path: run from the out dir so that a
+    # checkout's cowfs/ never shadows the pinned copy in the daemons this suite starts.
+    os.chdir(out)
     started = time.monotonic()
 
     def log(msg: str) -> None:
@@ -120,6 +133,7 @@ def bench(
         log=log,
         budget_s=budget * 60 if budget else None,
         on_run=lambda partial: report_mod.write_all(partial, out, report),
+        pin_code=pin_code,
     )
     paths = report_mod.write_all(doc, out, report)
     for kind, path in paths.items():
