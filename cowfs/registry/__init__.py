@@ -6,7 +6,8 @@ One module per concept:
   latest);
 * auth: credentials (docker config.json, credential helpers, skopeo's auth.json) and the
   Basic/Bearer challenge dance;
-* client: HTTP(S) transport, the v2 endpoints, retries, blob verification while streaming;
+* transport: per-thread HTTP(S) connections, TLS, proxies;
+* client: the v2 endpoints, authentication, retries, blob verification while streaming;
 * manifest: manifests, image indexes and descriptors (Docker schema 2 and OCI), platforms;
 * cache: what blobs registries hold and what they are (skips exports, enables mounts);
 * pull: registry -> store (pull, ensure_image); push: store -> registry (push).

@@ -1,25 +1,23 @@
 """A client of the OCI distribution API v2 (what docker, skopeo and every registry speak).
 
-Plain http.client over per-thread keep-alive connections, so a small thread pool can download
-layers in parallel. HTTPS by default; plain HTTP only with `insecure` or for a registry on this
-machine (localhost, 127.0.0.0/8, ::1: docker's default insecure registries). TLS certificates are
-verified unless `insecure`; a private CA is trusted through $SSL_CERT_FILE. $https_proxy,
-$http_proxy and $no_proxy are honoured as curl and docker do. The first request
-(GET /v2/) picks the scheme and learns the authentication challenge; a 401 later (a token that
-expired, a new scope) is answered once and the request retried.
+Plain http.client over per-thread keep-alive connections (transport.py), so a small thread
+pool can download layers in parallel. HTTPS by default; plain HTTP only with `insecure` or for
+a registry on this machine (localhost, 127.0.0.0/8, ::1: docker's default insecure registries).
+TLS certificates are verified unless `insecure`; a private CA is trusted through
+$SSL_CERT_FILE. The first request (GET /v2/) picks the scheme and learns the authentication
+challenge; a 401 later (a token that expired, a new scope) is answered once and the request
+retried. GET and HEAD are retried after broken connections and 5xx answers.
 
 Blob downloads are checked while they stream: a body longer than the manifest's size stops at
-once, a short one is 'truncated', and the sha256 must match the digest.
+once, a short one resumes with a Range request, and the sha256 must match the digest.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import io
 import json
-import socket
 import ssl
 import threading
 import time
@@ -33,155 +31,12 @@ from cowfs.errors import AuthError, DigestMismatch, RegistryError, TransferError
 from cowfs.registry import manifest as mf
 from cowfs.registry.auth import Authenticator, Credentials, lookup
 from cowfs.registry.reference import Reference
+from cowfs.registry.transport import CHUNK, Response, Transport
 
-CHUNK = 1 << 20
 RETRIES = 3  # attempts for a GET or HEAD, and for a blob download (resumed with Range)
 BACKOFF = 0.25  # seconds before the second attempt; doubles after each
 _REDIRECTS = (301, 302, 303, 307, 308)
 Progress = Callable[[int], None]
-
-
-class Response:
-    """One HTTP response; closing it early drops its connection (leftover bytes would poison it)."""
-
-    def __init__(
-        self,
-        transport: Transport,
-        key: tuple[str, str],
-        conn: http.client.HTTPConnection,
-        resp: http.client.HTTPResponse,
-    ) -> None:
-        self._transport = transport
-        self._key = key
-        self._conn = conn
-        self._resp = resp
-        self.status = resp.status
-        self.headers = resp.headers
-
-    def read(self, n: int = -1) -> bytes:
-        return self._resp.read(n) if n >= 0 else self._resp.read()
-
-    def read_limited(self, limit: int) -> bytes:
-        """The body, refusing one longer than `limit` (a manifest, an error, a token)."""
-        data = self._resp.read(limit + 1)
-        if len(data) > limit:
-            self.close()
-            raise RegistryError(f"response to {self._resp_url()} is larger than {limit} bytes")
-        return data
-
-    def _resp_url(self) -> str:
-        return f"{self._key[0]}://{self._key[1]}"
-
-    def abort(self) -> None:
-        """Unblock a read in another thread (Ctrl-C during a download): shut the socket."""
-        sock = self._conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        if not self._resp.isclosed():
-            self._transport.drop(self._key)
-        self._resp.close()
-
-
-class Transport:
-    """Per-thread keep-alive connections to any host (registry, token service, blob CDN)."""
-
-    def __init__(self, *, insecure: bool = False, timeout: float = 60.0) -> None:
-        self.timeout = timeout
-        self.ssl_context = ssl.create_default_context()
-        if insecure:
-            self.ssl_context.check_hostname = False
-            self.ssl_context.verify_mode = ssl.CERT_NONE
-        self._local = threading.local()
-
-    def _pool(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
-        pool = getattr(self._local, "pool", None)
-        if pool is None:
-            pool = self._local.pool = {}
-        return pool
-
-    def drop(self, key: tuple[str, str]) -> None:
-        conn = self._pool().pop(key, None)
-        if conn is not None:
-            conn.close()
-
-    def close(self) -> None:
-        for key in list(self._pool()):
-            self.drop(key)
-
-    def _connect(self, parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
-        """A new connection, through $https_proxy/$http_proxy unless $no_proxy exempts the
-        host: HTTPS tunnels with CONNECT, plain HTTP sends absolute URLs to the proxy."""
-        if parts.scheme not in ("http", "https"):
-            raise RegistryError(f"unsupported URL scheme {parts.scheme!r}")
-        proxy = urllib.request.getproxies().get(parts.scheme)
-        if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
-            proxy = None
-        proxy_auth = {}
-        if proxy:
-            p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-            if p.username:
-                raw = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
-                proxy_auth["Proxy-Authorization"] = (
-                    "Basic " + base64.b64encode(raw.encode()).decode()
-                )
-            where = p.hostname + (f":{p.port}" if p.port else "")
-        else:
-            where = parts.netloc
-        # Uploads are sent in blocks of CHUNK bytes (8 KiB by default: slow).
-        conn: http.client.HTTPConnection
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                where, timeout=self.timeout, context=self.ssl_context, blocksize=CHUNK
-            )
-            if proxy:
-                conn.set_tunnel(parts.hostname or "", parts.port or 443, headers=proxy_auth)
-        else:
-            conn = http.client.HTTPConnection(where, timeout=self.timeout, blocksize=CHUNK)
-            if proxy:
-                conn.cowfs_absolute = True  # type: ignore[attr-defined]
-                conn.cowfs_proxy_headers = proxy_auth  # type: ignore[attr-defined]
-        return conn
-
-    def send(
-        self, method: str, url: str, headers: dict[str, str], body: bytes | BinaryIO | None
-    ) -> Response:
-        parts = urllib.parse.urlsplit(url)
-        key = (parts.scheme, parts.netloc)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        start = body.tell() if hasattr(body, "tell") else None  # type: ignore[union-attr]
-        for attempt in (0, 1):
-            pool = self._pool()
-            conn = pool.get(key)
-            reused = conn is not None
-            if conn is None:
-                conn = self._connect(parts)
-                pool[key] = conn
-            if getattr(conn, "cowfs_absolute", False):
-                target = url  # through an HTTP proxy: the request line names the whole URL
-            try:
-                extra = getattr(conn, "cowfs_proxy_headers", None)
-                conn.request(method, target, body=body, headers={**headers, **(extra or {})})
-                resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.drop(key)
-                # A keep-alive connection the server closed meanwhile: retry once on a new one.
-                if attempt == 0 and reused:
-                    if start is not None:
-                        body.seek(start)  # type: ignore[union-attr]
-                    continue
-                raise
-            except BaseException:
-                self.drop(key)
-                raise
-            return Response(self, key, conn, resp)
-        raise AssertionError("unreachable")
 
 
 def _error_text(body: bytes) -> str:
