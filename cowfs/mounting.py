@@ -78,7 +78,8 @@ def _scan_dir(path: str) -> Toc:
 
 def build_image_fs(store: Any, ref: str, upper: str | None, work: str | None,
                    read_only: bool) -> Any:  # fmt: skip
-    from cowfs.unionfs import StoredLayer, UnionFS
+    from cowfs.lowers import StoredLayer
+    from cowfs.unionfs import UnionFS
 
     image = store.resolve(ref)
     idx = image_index(store, image)
@@ -89,7 +90,8 @@ def build_image_fs(store: Any, ref: str, upper: str | None, work: str | None,
 def build_dir_fs(lowers: Sequence[str], upper: str | None, work: str | None,
                  read_only: bool) -> Any:  # fmt: skip
     """Lowers top first, as overlayfs's lowerdir= lists them."""
-    from cowfs.unionfs import DirLayer, UnionFS
+    from cowfs.lowers import DirLayer
+    from cowfs.unionfs import UnionFS
 
     bottom_first = list(reversed(lowers))
     idx = merge([_scan_dir(d) for d in bottom_first])
