@@ -317,7 +317,7 @@ def _import_section(doc: dict) -> list[str]:
         f"{imp['entries']} entries, {imp['rootfs_bytes'] / mb:.0f} MB of file content "
         f"({imp['rootfs_disk_bytes'] / mb:.0f} MB on disk), tar {imp['tar_bytes'] / mb:.0f} MB, "
         f"gzip -6 tar {imp['gzip_bytes'] / mb:.0f} MB. Throughput is MB/s of uncompressed tar "
-        "input, wall clock, into a fresh store; measured once, after the interleaved runs.",
+        "input, wall clock, into a fresh store; measured once, before the interleaved runs.",
         "",
         "| input | seconds | MB/s | store (content) | store (on disk) | objects |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

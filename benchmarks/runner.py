@@ -127,6 +127,15 @@ def run_suite(
         return doc
 
     try:
+        # Once-per-suite measurements first, so every checkpoint report has them.
+        for w in workloads:
+            if w.once:
+                log(f"{w.name}: measuring once")
+                try:
+                    once[w.name] = w.measure_once(ctx)
+                except (CowfsError, OSError, subprocess.SubprocessError) as exc:
+                    once[w.name] = {"error": str(exc)}
+                    log(f"{w.name}: ERROR {exc}")
         for r in range(runs):
             run_started = time.time()
             for wi, w in enumerate(workloads):
@@ -144,14 +153,6 @@ def run_suite(
                 stopped = f"time budget: another run would end past {budget_s / 60:.0f} min"
                 log(f"stopping after {done} run(s): {stopped}")
                 break
-        for w in workloads:
-            if w.once:
-                log(f"{w.name}: measuring once")
-                try:
-                    once[w.name] = w.measure_once(ctx)
-                except (CowfsError, OSError, subprocess.SubprocessError) as exc:
-                    once[w.name] = {"error": str(exc)}
-                    log(f"{w.name}: ERROR {exc}")
     except KeyboardInterrupt:
         # Keep what was measured: the samples of the unfinished run are kept too.
         stopped = f"interrupted during run {done + 1}"

@@ -518,7 +518,7 @@ def _runc_config(ctx: Context, root: Path) -> dict:
 class ImportStore(Workload):
     """Import throughput and store size (benchmarks/import_store.py) on the dataset's rootfs.
 
-    Not a per-system comparison: it runs once, after the interleaved runs, and its figures go to
+    Not a per-system comparison: it runs once, before the interleaved runs, and its figures go to
     their own section of the report.
     """
 
