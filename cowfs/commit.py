@@ -17,18 +17,37 @@ import datetime
 import json
 import os
 import shlex
+from collections.abc import Container, Iterable
 from typing import Any
 
 from cowfs import layertar, overlaydir
 from cowfs.errors import InvalidInput
 from cowfs.store import Store, normalize_ref
-from cowfs.toc import REG, SOCK
+from cowfs.toc import REG, SOCK, Toc
+
+# Files a container runtime bind-mounts over (generated per container). When the image lacks
+# them, the runtime leaves empty placeholders in the upper: they are not the container's changes
+# (docker keeps them in an "init" layer below the container's), so diff and commit skip them.
+CONTAINER_PLACEHOLDERS = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
 
 
-def upper_layer(store: Store, upper_dir: str | os.PathLike) -> str:
-    """Store the upper dir `upper_dir` as one layer; returns the layer id (diff_id recorded)."""
+def placeholders(upper: Toc, below: Container[str], candidates: Iterable[str]) -> set[str]:
+    """The candidates that are empty regular files in `upper` and absent from `below`."""
+    out = set()
+    for path in candidates:
+        e = upper.entries.get(path)
+        if e is not None and e.kind == REG and e.size == 0 and path not in below:
+            out.add(path)
+    return out
+
+
+def upper_layer(store: Store, upper_dir: str | os.PathLike, skip: Iterable[str] = ()) -> str:
+    """Store the upper dir `upper_dir` as one layer, leaving out the paths `skip`; returns the
+    layer id (diff_id recorded)."""
     upper_dir = os.fspath(upper_dir)
     toc = overlaydir.scan(upper_dir)
+    for path in skip:
+        toc.entries.pop(path, None)
     for e in toc:
         e.atime = e.ctime = e.mtime
     carried: set[int] = set()  # hard-link groups whose content is stored already
@@ -67,12 +86,14 @@ def commit_upper(
     *,
     message: str = "",
     author: str = "",
+    container_placeholders: bool = False,
 ) -> str:
     """Commit `upper_dir` as a new image: the base image's layers plus the upper as a layer.
 
     `config_changes` are merged into the image config's `config` object (Cmd, Env, ...). The new
     config carries a history entry and rootfs.diff_ids when every layer's diff_id is known.
-    Returns the image id; `tag` (if any) points at it.
+    Returns the image id; `tag` (if any) points at it. With `container_placeholders`, the
+    runtime's empty placeholders (CONTAINER_PLACEHOLDERS) are left out.
     """
     if tag is not None:
         tag = normalize_ref(tag)
@@ -81,7 +102,13 @@ def commit_upper(
     base = store.resolve(base_ref)
     if not os.path.isdir(upper_dir):
         raise InvalidInput(f"upper directory {os.fspath(upper_dir)} does not exist")
-    layer_id = upper_layer(store, upper_dir)
+    skip: set[str] = set()
+    if container_placeholders:
+        from cowfs.mounting import image_index
+
+        below = image_index(store, base).entries
+        skip = placeholders(overlaydir.scan(upper_dir), below, CONTAINER_PLACEHOLDERS)
+    layer_id = upper_layer(store, upper_dir, skip)
     layers = [*base.layers, layer_id]
     config = _new_config(store, base.config, layers, config_changes, message, author)
     return store.add_image(layers, config, tags=[tag] if tag else [])

@@ -19,7 +19,7 @@ This module is pure apart from `upper_changes`, which scans the upper.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cowfs import overlaydir
@@ -124,6 +124,11 @@ def changes(lower: Mapping[str, Entry] | None, upper: Toc) -> list[Change]:
     return [Change(kind, path) for path, kind in sorted(out.items(), key=lambda t: _sort_key(t[0]))]
 
 
-def upper_changes(upper_dir: str | os.PathLike, lower: Mapping[str, Entry] | None) -> list[Change]:
-    """Scan `upper_dir` (kernel-overlayfs format) and list its changes to `lower`."""
-    return changes(lower, overlaydir.scan(upper_dir, keep_bookkeeping=True))
+def upper_changes(upper_dir: str | os.PathLike, lower: Mapping[str, Entry] | None,
+                  skip: Iterable[str] = ()) -> list[Change]:  # fmt: skip
+    """Scan `upper_dir` (kernel-overlayfs format) and list its changes to `lower`, ignoring the
+    upper's entries at the paths `skip` (a container runtime's placeholders)."""
+    upper = overlaydir.scan(upper_dir, keep_bookkeeping=True)
+    for path in skip:
+        upper.entries.pop(path, None)
+    return changes(lower, upper)

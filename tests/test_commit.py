@@ -334,3 +334,34 @@ def _stable(snap: dict[str, dict]) -> dict[str, dict]:
     """Everything but inode numbers (a new image numbers its inodes afresh)."""
     return {rel: {k: v for k, v in info.items() if k not in ("ino", "d_ino")}
             for rel, info in snap.items()}  # fmt: skip
+
+
+def test_container_diff_and_commit_by_name(base_and_upper, store_root: Path,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    """`cowfs diff NAME` / `cowfs commit NAME TAG` find the container's image and upper; the
+    runtime's empty bind-mount placeholders (/etc/hostname ...) are not the container's changes."""
+    need_fuse()
+    from runtime.container import Runtime
+    from runtime.spec import RunOptions
+
+    store, base, _ = base_and_upper
+    state = Runtime(store).create("base:1", RunOptions(command=["/bin/sh"]), name="web")
+    cdir = store.containers_dir / state.id
+    mnt = tmp_path / "cmnt"
+    mnt.mkdir()
+    pid = mounting.mount(store, state.image_id, mnt, cdir / "upper", cdir / "work")
+    try:
+        (mnt / "etc" / "hostname").touch()  # what the runtime does before its bind mount
+        (mnt / "etc" / "motd").write_text("hello\n")
+        os.unlink(mnt / "etc" / "group")
+    finally:
+        unmount_or_kill(mnt, pid)
+    run = CliRunner().invoke
+    r = run(cli, ["--root", str(store_root), "diff", "web"])
+    assert r.output.splitlines() == ["C /etc", "D /etc/group", "A /etc/motd"], r.output
+    r = run(cli, ["--root", str(store_root), "diff", state.id[:8], "--json"])
+    assert [c["path"] for c in json.loads(r.output)] == ["/etc", "/etc/group", "/etc/motd"]
+    r = run(cli, ["--root", str(store_root), "commit", "web", "web:snap"])
+    assert r.exit_code == 0, r.output
+    toc = store.load_toc(store.resolve("web:snap").layers[-1])
+    assert sorted(toc.entries) == ["", "etc", "etc/motd"] and toc.whiteouts == {"etc/group"}

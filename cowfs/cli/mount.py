@@ -103,6 +103,7 @@ def diff(obj: dict, target: str, image_ref: str | None, lowers: tuple[str, ...],
     if image_ref and lowers:
         raise InvalidInput("--image and --lower exclude each other")
     lower = None
+    skip: set[str] = set()
     if os.path.isdir(target):
         upper = target
         if image_ref:
@@ -117,7 +118,11 @@ def diff(obj: dict, target: str, image_ref: str | None, lowers: tuple[str, ...],
         store = _store(obj)
         image_id, upper = _container(store, target)
         lower = _image_tree(store, image_ref or image_id)
-    found = diffmod.upper_changes(upper, lower)
+        from cowfs.commit import CONTAINER_PLACEHOLDERS, placeholders
+        from cowfs.overlaydir import scan
+
+        skip = placeholders(scan(upper), lower, CONTAINER_PLACEHOLDERS)
+    found = diffmod.upper_changes(upper, lower, skip)
     if as_json:
         click.echo(json.dumps([c.to_json() for c in found], indent=2))
     else:
@@ -157,15 +162,15 @@ def commit(obj: dict, refs: tuple[str, ...], upper: str | None, image_ref: str |
             raise InvalidInput("with --upper, give only NAME[:TAG]")
         if not os.path.isdir(upper):
             raise NotFound(f"upper directory {upper} does not exist")
-        base, tag = image_ref, refs[0]
+        base, tag, from_container = image_ref, refs[0], False
     else:
         if len(refs) != 2:
             raise InvalidInput("give CONTAINER NAME[:TAG], or --upper DIR --image BASE NAME[:TAG]")
         image_id, upper = _container(store, refs[0])
-        base, tag = image_ref or image_id, refs[1]
+        base, tag, from_container = image_ref or image_id, refs[1], True
     config: dict[str, Any] = {}
     for text in changes:
         apply_changes(config, parse_change(text))
     image_id = commit_upper(store, base, upper, tag, config or None, message=message,
-                            author=author)  # fmt: skip
+                            author=author, container_placeholders=from_container)  # fmt: skip
     click.echo(f"sha256:{image_id}")
