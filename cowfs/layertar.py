@@ -31,7 +31,8 @@ budget is refused from its header, before a byte of it is read.
 Export writes a deterministic tar: entries in tree order, PAX format, numeric owners, xattrs as
 SCHILY.xattr, hard links as link entries to the first name of their group, whiteouts as
 `.wh.` files and opaque directories as `.wh..wh..opq` right after the directory. Sockets are
-left out (tar cannot carry them; docker skips them as well).
+left out (tar cannot carry them; docker skips them as well). Sparse files are written as plain
+files: their holes become zeros, which the layer compression takes care of.
 """
 
 from __future__ import annotations
