@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.profile import FULL_INCLUDES, MiB, Profile
-from cowfs.errors import CowfsError
+from cowfs.errors import BenchError
 
 BENCH_DIR = "bench"  # top-level directory of the large random files, in its own top layer
 SEQ_FILE = f"{BENCH_DIR}/seq.bin"
@@ -40,10 +40,6 @@ COPYUP_BIG = f"{BENCH_DIR}/copyup-big.bin"
 ROOTFS_LAYERS = 3
 IMAGE_TAG = "bench"
 FORMAT = 2  # bump when the layout or the sampling changes, so stale caches are rebuilt
-
-
-class DatasetError(CowfsError):
-    """The benchmark data could not be built."""
 
 
 @dataclass
@@ -217,7 +213,7 @@ def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
     if proc.returncode != 0:
         err = (proc.stderr or proc.stdout).strip().splitlines()
-        raise DatasetError(f"{cmd[0]} failed: {err[-1] if err else proc.returncode}")
+        raise BenchError(f"{cmd[0]} failed: {err[-1] if err else proc.returncode}")
     return proc
 
 
@@ -287,7 +283,7 @@ def _host_tree(tree: Path, n_files: int) -> None:
     """A small root: busybox-static with its applet links, plus Python sources from the host."""
     busybox = shutil.which("busybox")
     if busybox is None:
-        raise DatasetError("busybox is not installed (Debian package busybox-static)")
+        raise BenchError("busybox is not installed (Debian package busybox-static)")
     for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", "usr/lib"):
         (tree / d).mkdir(parents=True, exist_ok=True)
     shutil.copy2(busybox, tree / "bin" / "busybox")
@@ -415,7 +411,7 @@ def _split(tree: Path, layers: list[Path], layer_of: Callable[[str], int]) -> li
         assert pack.stdout is not None
         pack.stdout.close()
         if pack.wait() != 0 or unpack.returncode != 0:
-            raise DatasetError(f"splitting layer {i} failed: {unpack.stderr.strip()[-200:]}")
+            raise BenchError(f"splitting layer {i} failed: {unpack.stderr.strip()[-200:]}")
         listfile.unlink()
     return counts
 
@@ -455,7 +451,7 @@ def _oci_layout(oci: Path, layers: list[Path]) -> list[dict[str, object]]:
                 gz.stdin.write(chunk)
             gz.stdin.close()
             if tar.wait() != 0 or gz.wait() != 0:
-                raise DatasetError(f"packing layer {i} failed")
+                raise BenchError(f"packing layer {i} failed")
         digest = _sha256_file(tmp)
         tmp.rename(blobs / digest)
         size = (blobs / digest).stat().st_size
@@ -578,6 +574,6 @@ def _pick_subtree(tree: Path, target: int) -> tuple[str, int]:
             key = "/".join(parts[:depth])
             counts[key] = counts.get(key, 0) + 1
     if not counts:
-        raise DatasetError("the tree has no files")
+        raise BenchError("the tree has no files")
     best = min(sorted(counts), key=lambda d: abs(counts[d] - target))
     return best, counts[best]

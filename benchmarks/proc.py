@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 
-from cowfs.errors import CowfsError
+from cowfs.errors import BenchError, CowfsError
 
 DEFAULT_TIMEOUT = 1800.0  # no single operation of the full suite comes near this
 
@@ -16,7 +16,7 @@ def run(
     what: str,
     *,
     timeout: float = DEFAULT_TIMEOUT,
-    error: type[CowfsError] = CowfsError,
+    error: type[CowfsError] = BenchError,
     stdout: int | None = subprocess.DEVNULL,
 ) -> str:
     """Run cmd in its own process group; raise `error` naming `what` on failure or timeout.

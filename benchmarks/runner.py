@@ -23,7 +23,7 @@ from benchmarks import machine, pin
 from benchmarks.profile import Profile
 from benchmarks.systems import System, mount_options, mounted, release
 from benchmarks.workloads import Context, Workload
-from cowfs.errors import CowfsError
+from cowfs.errors import BenchError, CowfsError
 
 Log = Callable[[str], None]
 SCHEMA = "cowfs-bench/1"
@@ -237,7 +237,7 @@ def _remove_run_dir(run_dir: Path) -> None:
     if mounted(mnt):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
     if mounted(mnt):
-        raise CowfsError(f"{mnt} is still mounted; not deleting {run_dir}")
+        raise BenchError(f"{mnt} is still mounted; not deleting {run_dir}")
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -253,7 +253,7 @@ def _clean_work(work: Path) -> None:
             subprocess.run(["umount", "-l", mnt], capture_output=True)
     with open("/proc/self/mountinfo") as f:
         if any(line.split()[4].startswith(base + "/") for line in f):
-            raise CowfsError(f"mounts remain under {work}; unmount them first")
+            raise BenchError(f"mounts remain under {work}; unmount them first")
     shutil.rmtree(work)
 
 

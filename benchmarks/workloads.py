@@ -26,16 +26,12 @@ from benchmarks import proc
 from benchmarks.dataset import BENCH_DIR, COPYUP_BIG, COPYUP_SMALL, SEQ_FILE, Dataset, spaced
 from benchmarks.profile import MiB, Profile
 from benchmarks.systems import CowfsStore, System, View, cli_missing, reap, release
-from cowfs.errors import CowfsError
+from cowfs.errors import BenchError
 
 SCRATCH = "bench-scratch"  # where workloads create new files inside a view
 RENAMED = ".bench-renamed"
 PAIR = "cold+warm"  # one mount: timed cold (after drop_caches), then timed again warm
 CONTAINER_TIMEOUT = 120.0
-
-
-class WorkloadError(CowfsError):
-    """An operation of a workload failed on a system (reported in the table, not fatal)."""
 
 
 @dataclass
@@ -67,7 +63,7 @@ def drop_caches() -> None:
 
 
 def _check(cmd: list[str], what: str, timeout: float = proc.DEFAULT_TIMEOUT) -> None:
-    proc.run(cmd, what, timeout=timeout, error=WorkloadError)
+    proc.run(cmd, what, timeout=timeout, error=BenchError)
 
 
 class Workload:
@@ -184,7 +180,7 @@ class SeqRead(Workload):
             os.close(fd)
         if total != ctx.profile.seq_bytes:
             expected = ctx.profile.seq_bytes
-            raise WorkloadError(f"{self.name}: read {total} bytes, expected {expected}")
+            raise BenchError(f"{self.name}: read {total} bytes, expected {expected}")
         return {}
 
 
@@ -226,7 +222,7 @@ class RandRead(Workload):
                "--bs=4k", "--ioengine=psync", f"--size={p.seq_bytes}",
                f"--io_size={p.rand_io_bytes}", "--randrepeat=1", "--invalidate=1",
                "--output-format=json"]  # fmt: skip
-        out = proc.run(cmd, f"{self.name}: fio", error=WorkloadError, stdout=subprocess.PIPE)
+        out = proc.run(cmd, f"{self.name}: fio", error=BenchError, stdout=subprocess.PIPE)
         job = json.loads(out[out.index("{") :])["jobs"][0]["read"]
         return {"iops": round(job["iops"]), "fio_runtime_ms": job["runtime"]}
 
@@ -463,7 +459,7 @@ class ContainerRun(Workload):
             t0 = time.perf_counter()
             try:
                 _check(cmd, "cowfs run", timeout=CONTAINER_TIMEOUT)
-            except WorkloadError:
+            except BenchError:
                 assert system.store_root is not None
                 reap(system.store_root)
                 raise
@@ -480,7 +476,7 @@ class ContainerRun(Workload):
                 try:
                     _check(["runc", "run", "--bundle", str(bundle), cid], "runc run",
                            timeout=CONTAINER_TIMEOUT)  # fmt: skip
-                except WorkloadError:
+                except BenchError:
                     subprocess.run(["runc", "delete", "--force", cid], capture_output=True)
                     raise
             finally:

@@ -84,3 +84,7 @@ class AuthError(RegistryError):
 
 class TransferError(RegistryError):
     """A transfer that broke off (connection lost, body cut short, HTTP 5xx): worth a retry."""
+
+
+class BenchError(CowfsError):
+    """The benchmark suite could not build its data, or an operation failed on one system."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cowfs.errors import CowfsError, InvalidInput
+from cowfs.errors import BenchError, InvalidInput
 
 
 @click.command()
@@ -106,7 +106,7 @@ def bench(
             raise InvalidInput(f"unknown system {', '.join(unknown)} (known: {', '.join(known)})")
         all_s = [s for s in every if s.name in wanted]
     if os.geteuid() != 0:
-        raise CowfsError("cowfs bench needs root (it mounts filesystems and drops caches)")
+        raise BenchError("cowfs bench needs root (it mounts filesystems and drops caches)")
 
     # `make`, `timeout` and CI stop with SIGTERM: end like Ctrl-C, which keeps what was measured.
     signal.signal(signal.SIGTERM, _interrupt)
