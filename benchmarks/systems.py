@@ -95,7 +95,8 @@ def _daemons_of(path: Path) -> list[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if any(a == needle or a.endswith(b"=" + needle) for a in args):
+        quoted = b'"' + needle + b'"'  # cowfs daemons carry their spec as JSON
+        if any(a == needle or a.endswith(b"=" + needle) or quoted in a for a in args):
             pids.append(int(entry.name))
     return pids
 
