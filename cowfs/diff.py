@@ -18,6 +18,7 @@ This module is pure apart from `upper_changes`, which scans the upper.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -106,9 +107,15 @@ def changes(lower: Mapping[str, Entry] | None, upper: Toc) -> list[Change]:
     # Deleted: visible before, not now, reported where the deletion starts (its parent is
     # still there). Only whiteouts and the contents of opaque dirs can be such paths.
     gone = set(upper.whiteouts)
+    ordered = sorted(below) if upper.opaque else []
     for d in upper.opaque:
+        # the paths under d are one run of the sorted list: no scan of the whole tree per dir
         prefix = d + "/" if d else ""
-        gone.update(p for p in below if p.startswith(prefix) and p != d)
+        i = bisect.bisect_left(ordered, prefix)
+        while i < len(ordered) and ordered[i].startswith(prefix):
+            if ordered[i] != d:
+                gone.add(ordered[i])
+            i += 1
     for path in gone:
         if (path in below or not known) and not visible_now(path):
             parent = path.rpartition("/")[0]
