@@ -6,10 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from cowfs.errors import NotFound, TransferError
 from cowfs.registry.push import push
 from cowfs.store import Store
 from tests.conftest import need_fuse
-from tests.registry_fixtures import Registry, registry_fixture  # noqa: F401 - the fixture
+from tests.registry_fixtures import (
+    Registry,
+    isolate_credentials,
+    registry_fixture,  # noqa: F401 - the fixture registry
+)
 
 COWFS = [sys.executable, "-c", "from cowfs.cli import main; main()"]
 
@@ -78,3 +85,19 @@ def test_run_pulls_missing_image(
         rt = Runtime(Store(root))
         for state in rt.states():
             rt.remove(state.id, force=True)
+
+
+def test_image_for_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare name Docker Hub cannot give (offline, or unknown there) is 'not found'; a registry
+    named explicitly reports its own error."""
+    from cowfs.cli.registry import image_for
+    from cowfs.registry import client
+
+    monkeypatch.setattr(client, "BACKOFF", 0.0)
+    isolate_credentials(monkeypatch, tmp_path / "home")
+    store = Store(tmp_path / "store")
+    with pytest.raises(NotFound, match=r"^image cowfs-no-such-image-zz:none not found$"):
+        image_for(store, "cowfs-no-such-image-zz:none")
+    with pytest.raises(TransferError, match="cannot reach 127.0.0.1:9"):
+        image_for(store, "127.0.0.1:9/app:v1")
+    assert store.image_ids() == [] and list(store.tmp.iterdir()) == []

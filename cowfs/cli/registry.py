@@ -136,16 +136,32 @@ def push(obj: dict, image: str, ref: str, compression: str, chunk_size: str | No
 def image_for(store: Store, ref: str) -> str:
     """How `mount` and `run` should name image REF: REF itself when the store has it, else the
     id of the image pulled for it now (as `docker run` pulls a missing image)."""
-    from cowfs.errors import NotFound
+    from cowfs.errors import NotFound, RegistryError
 
     try:
         store.resolve(ref)
         return ref
     except NotFound:
         pass
+    from cowfs.errors import AuthError, TransferError
     from cowfs.registry.pull import ensure_image
+    from cowfs.registry.reference import DOCKER_HUB, parse
 
-    return ensure_image(store, ref, progress=_AnnouncedBar(ref))
+    try:
+        return ensure_image(store, ref, progress=_AnnouncedBar(ref))
+    except (AuthError, TransferError, RegistryError) as exc:
+        # A bare name ("nosuch:img") that Docker Hub does not have, or that cannot be looked
+        # up there (offline), is first of all an image this store lacks: say that. A registry
+        # the user named explicitly gets its own error.
+        unknown = (
+            isinstance(exc, AuthError | TransferError) or getattr(exc, "http_status", None) == 404
+        )
+        implicit_hub = parse(ref).registry == DOCKER_HUB and not ref.startswith(
+            ("docker.io/", "index.docker.io/")
+        )
+        if unknown and implicit_hub:
+            raise NotFound(f"image {ref} not found") from None
+        raise
 
 
 class _AnnouncedBar(BarProgress):

@@ -144,14 +144,14 @@ class RegistryClient:
             except (ssl.SSLError, ConnectionResetError, http.client.HTTPException) as exc:
                 # Not TLS on the other end: try plain HTTP when that is allowed.
                 if scheme == "http":
-                    raise RegistryError(f"{self.host}: no HTTP or HTTPS answer ({exc})") from None
+                    raise TransferError(f"{self.host}: no HTTP or HTTPS answer ({exc})") from None
                 if not self.allow_http:
                     raise RegistryError(
                         f"{self.host}: cannot talk TLS ({exc}); plain HTTP needs --insecure"
                     ) from None
                 continue
             except OSError as exc:
-                raise RegistryError(f"cannot reach {self.host}: {exc.strerror or exc}") from None
+                raise TransferError(f"cannot reach {self.host}: {exc.strerror or exc}") from None
             status = resp.status
             www = resp.headers.get("WWW-Authenticate")
             resp.read_limited(1 << 20)
@@ -248,15 +248,19 @@ class RegistryClient:
         text = f"{self.host}: {method} {what}: HTTP {resp.status}" + (
             f" ({detail})" if detail else ""
         )
+        err: RegistryError
         if resp.status == 401:
-            return AuthError(text)
-        if resp.status >= 500 or resp.status == 429:
-            return TransferError(text)
-        if resp.status == 403:
-            return AuthError(
+            err = AuthError(text)
+        elif resp.status >= 500 or resp.status == 429:
+            err = TransferError(text)
+        elif resp.status == 403:
+            err = AuthError(
                 f"{self.host}: access denied to {what}" + (f" ({detail})" if detail else "")
             )
-        return RegistryError(text)
+        else:
+            err = RegistryError(text)
+        err.http_status = resp.status  # type: ignore[attr-defined]
+        return err
 
     # -- manifests ------------------------------------------------------------------------
 
