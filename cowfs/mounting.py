@@ -84,7 +84,7 @@ def build_image_fs(store: Any, ref: str, upper: str | None, work: str | None,
     image = store.resolve(ref)
     idx = image_index(store, image)
     layers = [StoredLayer(store.objects) for _ in image.layers]
-    return UnionFS(idx, layers, upper, work, read_only=read_only)
+    return UnionFS(idx, layers, upper, work, read_only=read_only, space=store.root)
 
 
 def build_dir_fs(lowers: Sequence[str], upper: str | None, work: str | None,
@@ -95,7 +95,8 @@ def build_dir_fs(lowers: Sequence[str], upper: str | None, work: str | None,
 
     bottom_first = list(reversed(lowers))
     idx = merge([_scan_dir(d) for d in bottom_first])
-    return UnionFS(idx, [DirLayer(d) for d in bottom_first], upper, work, read_only=read_only)
+    return UnionFS(idx, [DirLayer(d) for d in bottom_first], upper, work, read_only=read_only,
+                   space=lowers[0])  # fmt: skip
 
 
 # -- the daemon ------------------------------------------------------------------------------------

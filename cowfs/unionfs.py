@@ -163,9 +163,12 @@ class UnionFS:
         work: str | os.PathLike | None,
         *,
         read_only: bool = False,
+        space: str | os.PathLike | None = None,
     ) -> None:
+        """`space`: the host dir whose free space statfs reports without an upper."""
         self.idx = index
         self.layers = list(layers)
+        self.space = space
         self.read_only = read_only or upper is None
         self.upper = HostDir(upper) if upper is not None else None
         self.work = HostDir(work) if work is not None and not self.read_only else None
@@ -500,7 +503,7 @@ class UnionFS:
         return list(self.idx.entries[path].xattrs or ())
 
     def statfs(self) -> dict[str, int]:
-        target = self.upper.fd if self.upper is not None else None
+        target = self.upper.fd if self.upper is not None else self.space
         if target is None:
             return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": NAME_MAX,
                     "f_files": len(self.idx)}  # fmt: skip

@@ -559,6 +559,7 @@ def test_read_only_mount_refuses_changes(union: Union) -> None:
     assert exc.value.errno == errno.EROFS
     assert read(union.m("d/a")) == "lower a\n"
     assert os.listdir(union.upper) == []
+    assert os.statvfs(union.m("")).f_blocks > 0  # the space of the lower's filesystem
 
 
 # -- concurrency and loop variants ---------------------------------------------------------------
