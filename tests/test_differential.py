@@ -232,18 +232,18 @@ def mount_kernel(base: Path, lowers: list[Path]) -> Side:
     )  # fmt: skip
 
 
-def mount_cowfs(base: Path, lowers: list[Path]) -> Side:
+def mount_cowfs(base: Path, lowers: list[Path], threads: bool = False) -> Side:
     need_fuse()
     from cowfs import mounting
 
     mnt, upper, work = _prepare(base, "cowfs")
     # (the library call `mount -t fuse.cowfs ... -o lowerdir=` runs through its helper)
-    pid = mounting.mount_dirs([str(p) for p in lowers], mnt, upper, work)
+    pid = mounting.mount_dirs([str(p) for p in lowers], mnt, upper, work, threads=threads)
     # unmount_or_kill: a stuck daemon is killed by pid rather than hanging the suite
     return Side("cowfs", str(mnt), str(upper), str(work), lambda: unmount_or_kill(mnt, pid))
 
 
-def mount_fuse_overlayfs(base: Path, lowers: list[Path]) -> Side:
+def mount_fuse_overlayfs(base: Path, lowers: list[Path], threads: bool = False) -> Side:
     need_fuse()
     need_tool("fuse-overlayfs")
     mnt, upper, work = _prepare(base, "fovl")
@@ -267,7 +267,7 @@ IMPL = os.environ.get("DIFF_IMPL", "cowfs")
 class Pair:
     """The reference and the filesystem under test, mounted over the same lowers."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, threads: bool = False) -> None:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.lowers = build_lowers(base / "lower")
@@ -278,7 +278,7 @@ class Pair:
         self.sides: list[Side] = []
         try:
             self.sides.append(mount_kernel(base, self.lowers))
-            self.sides.append(IMPLS[IMPL](base, self.lowers))
+            self.sides.append(IMPLS[IMPL](base, self.lowers, threads))
         except BaseException:
             self.close()
             raise
@@ -1008,6 +1008,22 @@ def test_scenario(pair: Pair, name: str) -> None:
         pair.apply(*op)
         pair.compare_trees()
     pair.finish()
+
+
+@pytest.mark.slow
+def test_scenarios_threaded_daemon(tmp_path: Path) -> None:
+    """The same scenarios with the daemon's multi-threaded loop (races between requests)."""
+    need_fuse()
+    for n, name in enumerate(sorted(SCENARIOS)):
+        pair = Pair(tmp_path / f"s{n}", threads=True)
+        try:
+            pair.compare_trees()
+            for op in SCENARIOS[name]:
+                pair.apply(*op)
+                pair.compare_trees()
+            pair.finish()
+        finally:
+            pair.close()
 
 
 # --------------------------------------------------------------------------------------------
