@@ -287,7 +287,8 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
         "",
         "Treated the same for every system: each sample mounts afresh with an empty upper dir "
         "and unmounts after (so FUSE kernel caches and daemons start cold every time); *cold* "
-        "means `sync; echo 3 > /proc/sys/vm/drop_caches` after that fresh mount and before the "
+        "means syncfs of the mount and the disk, then `echo 3 > /proc/sys/vm/drop_caches`, after "
+        "that fresh mount and before the "
         "timed operation; *warm* means the operation ran once, untimed, on the same mount first. "
         "What differs by design: cowfs (store) holds all lower metadata in an in-memory index "
         "loaded at mount, which drop_caches does not evict (its cost is in the mount-time row), "

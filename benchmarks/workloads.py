@@ -12,6 +12,7 @@ samples); on the union filesystems the upper dir is thrown away with the mount.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -55,9 +56,21 @@ class Metric:
     cache: str  # "cold", "warm" or "-"
 
 
-def drop_caches() -> None:
-    """Write back dirty data, then drop clean page cache, dentries and inodes (every system)."""
-    os.sync()
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def drop_caches(*paths: Path) -> None:
+    """Write back the filesystems under test, then drop clean page cache, dentries and inodes.
+
+    syncfs(2) of the filesystems holding paths rather than sync(2): a global sync would wait on
+    every mount of the machine, including another user's stuck FUSE mount.
+    """
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _libc.syncfs(fd)
+        finally:
+            os.close(fd)
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
 
@@ -94,7 +107,7 @@ class Workload:
         try:
             self.setup(ctx, view)
             if self.cache in ("cold", PAIR):
-                drop_caches()
+                drop_caches(view.path, ctx.work, ctx.ds.root)
             t0 = time.perf_counter()
             notes = self.operate(ctx, view)
             seconds = time.perf_counter() - t0
@@ -427,7 +440,7 @@ class MountTime(Workload):
         return "mount the image until its root is listed, cold caches"
 
     def measure(self, ctx: Context, system: System, run_dir: Path) -> Sample:
-        drop_caches()
+        drop_caches(ctx.work, ctx.ds.root)
         t0 = time.perf_counter()
         view = system.mount(ctx.ds, run_dir)
         try:
