@@ -162,6 +162,19 @@ def _ratio_cell(entry: dict, against: str, cowfs: list[str]) -> str:
     return " ".join(parts) or "–"
 
 
+def _load_line(doc: dict) -> list[str]:
+    load = doc.get("load_average")
+    if not load:
+        return []
+    fmt = ", ".join
+    return [
+        "",
+        f"Load average (1, 5, 15 min) when the suite started: {fmt(map(str, load['start']))}; "
+        f"at the end: {fmt(map(str, load['end']))} — on {doc['machine']['cores']} cores, anything "
+        "well above the suite's own ~1–2 means other work shared the machine during the run.",
+    ]
+
+
 def _code_line(doc: dict) -> list[str]:
     code = doc.get("cowfs_code") or {}
     if code.get("pinned"):
@@ -215,6 +228,7 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
         f"| {fs['fstype']} ({fs['device']}, {fs['options']}) |",
         "",
         "Tools: " + "; ".join(f"{k}: {v}" for k, v in m["tools"].items()) + ".",
+        *_load_line(doc),
         "",
         "## Data",
         "",

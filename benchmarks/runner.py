@@ -50,6 +50,7 @@ def run_suite(
     is stopped); with budget_s, no run starts that would, at the last run's pace, end past it.
     """
     started = time.time()
+    load_start = [round(x, 2) for x in os.getloadavg()]  # the 2 cores may be shared: say so
     code = pin.pin(out / "code") if pin_code else {"pinned": False, "reason": "--no-pin"}
     if code.get("pinned"):
         log(f"measuring cowfs as of commit {str(code['commit'])[:12]} (exported to {code['code']})")
@@ -117,6 +118,7 @@ def run_suite(
             "duration_s": round(time.time() - started, 1),
             "machine": machine.describe(data_dir),
             "cowfs_code": code,
+            "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
             "dataset": ds.summary(),
             "systems": sys_info,
             "results": results,
