@@ -27,6 +27,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,10 +213,13 @@ def crash_round(store: Store, base: Path, model: Model, rng: random.Random) -> N
     r, w = os.pipe()
     child = ctx.Process(target=workload, args=(str(mnt), dict(model.files), rng.randrange(1 << 30),
                                                w))  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(os.fdopen(r)))  # drains the pipe
     try:
         child.start()
         os.close(w)
         w = -1
+        reader.start()
         time.sleep(rng.uniform(0.05, 1.2))
         os.kill(pid, signal.SIGKILL)
         child.join(timeout=60)
@@ -227,8 +231,9 @@ def crash_round(store: Store, base: Path, model: Model, rng: random.Random) -> N
             child.kill()
             child.join()
         unmount_or_kill(mnt, pid)
-        with os.fdopen(r) as f:
-            messages = [json.loads(line) for line in f if line.strip()]
+        if reader.ident is not None:
+            reader.join(timeout=60)
+    messages = [json.loads(line) for line in lines if line.strip()]
     pending = None
     for msg in messages:
         if "op" in msg:
