@@ -612,7 +612,9 @@ class UnionFS:
             raise err(errno.EBADF)
         n = os.pwrite(h.fd, data, offset)
         if h.host_ino is not None:
-            self._changed(self._others(h.path, h.host_ino))
+            with self._lock:  # the link bookkeeping changes under the lock (threaded loop)
+                others = self._others(h.path, h.host_ino)
+            self._changed(others)
         return n
 
     def fsync(self, fh: int, datasync: bool) -> None:
