@@ -501,6 +501,14 @@ class FakeRegistry:
             self.routes[("GET", f"/v2/{repo}/blobs/{sha(la.blob)}")] = (200, {}, la.blob)
 
 
+@dataclass
+class Stall:
+    """A route that hangs without reading the request body, until `release` is set."""
+
+    started: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
 @contextlib.contextmanager
 def fake_registry() -> Iterator[FakeRegistry]:
     routes: dict = {("GET", "/v2/"): (200, {}, b"{}")}
@@ -515,9 +523,14 @@ def fake_registry() -> Iterator[FakeRegistry]:
         def _any(self) -> None:
             path = self.path.split("?")[0]
             log.append((self.command, self.path, self.headers.get("Authorization")))
+            route = routes.get((self.command, path))
+            if isinstance(route, Stall):
+                route.started.set()  # the body is left unread: the client's send blocks
+                route.release.wait(60)
+                self.close_connection = True
+                return
             length = int(self.headers.get("Content-Length") or 0)
             self.body = self.rfile.read(length) if length else b""
-            route = routes.get((self.command, path))
             if route is None and self.command == "HEAD":
                 route = routes.get(("GET", path))
             if route is None:

@@ -4,6 +4,7 @@ half-written (layers, images, tags and tmp/ as they were)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from tests.registry_fixtures import (
     FakeRegistry,
     Layer,
     OciImage,
+    Stall,
     fake_registry,
     isolate_credentials,
     sha,
@@ -313,3 +315,39 @@ def test_ctrl_c_during_a_stalled_download(fake: FakeRegistry, tmp_path: Path) ->
     store = Store(root)
     assert state(store) == ([], {}, [])
     only_complete_layers(store, img)
+
+
+def test_ctrl_c_during_a_stalled_upload(fake: FakeRegistry, tmp_path: Path) -> None:
+    """SIGINT while the registry stops reading an upload: exit 130 at once, no staging left."""
+    from cowfs.rootfs import import_rootfs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(16 << 20))  # more than the socket buffers hold
+    root = tmp_path / "s"
+    import_rootfs(Store(root), src, "big:v1")
+    stall = Stall()
+    fake.routes[("POST", "/v2/app/blobs/uploads/")] = (
+        202,
+        {"Location": "/v2/app/blobs/uploads/u1"},
+        b"",
+    )
+    fake.routes[("PUT", "/v2/app/blobs/uploads/u1")] = stall
+    proc = subprocess.Popen(
+        [*COWFS, "--root", str(root), "push", "big:v1", f"{fake.host}/app:v1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert stall.started.wait(60)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # a safety net, not a speed check
+    finally:
+        stall.release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert list(Store(root).tmp.iterdir()) == []
+    assert not [p for m, p, _ in fake.log if "/manifests/" in p]

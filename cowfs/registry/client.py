@@ -68,7 +68,6 @@ class RegistryClient:
         self.transport = Transport(insecure=insecure, timeout=timeout)
         self._base: str | None = None
         self._lock = threading.Lock()
-        self._active: set[Response] = set()  # blob downloads in flight, for abort()
 
     @classmethod
     def for_reference(
@@ -82,11 +81,9 @@ class RegistryClient:
         )
 
     def abort(self) -> None:
-        """Break off the blob downloads in flight; their threads see an error at once."""
-        with self._lock:
-            active = list(self._active)
-        for resp in active:
-            resp.abort()
+        """Break off the transfers in flight (Ctrl-C, a failed sibling); their threads see an
+        error at once, and this client makes no new requests."""
+        self.transport.abort()
 
     def add_scope(self, repository: str, actions: str) -> None:
         self.auth.add_scope(f"repository:{repository}:{actions}")
@@ -355,8 +352,6 @@ class RegistryClient:
             ok=(200, 206),
             what=f"blob {name}",
         )
-        with self._lock:
-            self._active.add(resp)
         try:
             if resp.status == 200 and state.size:
                 # The registry ignored the Range: start over.
@@ -394,8 +389,6 @@ class RegistryClient:
                     )
                 state.add(chunk, out, progress)
         finally:
-            with self._lock:
-                self._active.discard(resp)
             resp.close()
 
     def fetch_blob_bytes(self, repository: str, desc: mf.Descriptor, limit: int) -> bytes:

@@ -21,7 +21,8 @@ import copy
 import json
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,7 +123,11 @@ def push(
                 return
             layer.how = "upload"
 
-        _parallel(jobs, [lambda i=i, layer=layer: plan(i, layer) for i, layer in enumerate(layers)])
+        _parallel(
+            client,
+            jobs,
+            [lambda i=i, layer=layer: plan(i, layer) for i, layer in enumerate(layers)],
+        )
 
         # Phase 2: send the bytes the registry lacks.
         todo = [layer for layer in layers if layer.how == "upload"]
@@ -136,7 +141,7 @@ def push(
                                    progress=progress.advance)  # fmt: skip
                 layer.path.unlink()
 
-            _parallel(jobs, [lambda layer=layer: send(layer) for layer in todo])
+            _parallel(client, jobs, [lambda layer=layer: send(layer) for layer in todo])
         finally:
             progress.end()
         for layer in layers:
@@ -214,11 +219,23 @@ def _reuse(
     return True
 
 
-def _parallel(jobs: int, tasks: list) -> None:
-    """Run tasks on a few threads; the first error is raised after the others finished."""
+def _parallel(client: RegistryClient, jobs: int, tasks: list[Callable[[], None]]) -> None:
+    """Run tasks on a few threads. The first error (or Ctrl-C) aborts the client's transfers in
+    flight, so that the others stop at once, and is raised."""
     if not tasks:
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(tasks)))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(tasks))), thread_name_prefix="push")
+    futures = []
+    try:
         futures = [pool.submit(t) for t in tasks]
-    for fut in futures:
-        fut.result()
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in futures:
+            if fut in done and fut.exception() is not None:
+                raise fut.exception()  # type: ignore[misc]
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        client.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True)

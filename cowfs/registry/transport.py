@@ -15,6 +15,7 @@ import ssl
 import threading
 import urllib.parse
 import urllib.request
+import weakref
 from typing import BinaryIO
 
 from cowfs.errors import RegistryError
@@ -53,15 +54,6 @@ class Response:
     def _resp_url(self) -> str:
         return f"{self._key[0]}://{self._key[1]}"
 
-    def abort(self) -> None:
-        """Unblock a read in another thread (Ctrl-C during a download): shut the socket."""
-        sock = self._conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
     def close(self) -> None:
         if not self._resp.isclosed():
             self._transport.drop(self._key)
@@ -78,6 +70,23 @@ class Transport:
             self.ssl_context.check_hostname = False
             self.ssl_context.verify_mode = ssl.CERT_NONE
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._live: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
+        self.aborted = False
+
+    def abort(self) -> None:
+        """Break off every transfer in flight, in any thread, and refuse new ones: a thread
+        blocked on a stalled socket would otherwise hold up Ctrl-C for the socket timeout."""
+        with self._lock:
+            self.aborted = True
+            live = list(self._live)
+        for conn in live:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _pool(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
         pool = getattr(self._local, "pool", None)
@@ -141,9 +150,13 @@ class Transport:
             pool = self._pool()
             conn = pool.get(key)
             reused = conn is not None
+            if self.aborted:
+                raise RegistryError("transfer aborted")
             if conn is None:
                 conn = self._connect(parts)
                 pool[key] = conn
+                with self._lock:
+                    self._live.add(conn)
             if getattr(conn, "cowfs_absolute", False):
                 target = url  # through an HTTP proxy: the request line names the whole URL
             try:
