@@ -319,3 +319,22 @@ def test_multi_layer_image_with_whiteouts_round_trips(registry: Registry, tmp_pa
         "etc/kept": ("f", 0o644, hashlib.sha256(b"kept\n").hexdigest()),
         "var/cache/new": ("f", 0o644, hashlib.sha256(b"new\n").hexdigest()),
     }
+
+
+def test_manifest_refused_suggests_gzip(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    import_rootfs(store, make_tree(tmp_path / "src"), "src:v1")
+    with fake_registry() as fake:
+        fake.routes[("POST", "/v2/app/blobs/uploads/")] = (
+            202,
+            {"Location": "/v2/app/blobs/uploads/u1"},
+            b"",
+        )
+        fake.routes[("PUT", "/v2/app/blobs/uploads/u1")] = (201, {}, b"")
+        fake.routes[("PUT", "/v2/app/manifests/v1")] = (
+            400,
+            {},
+            b'{"errors":[{"code":"MANIFEST_INVALID","message":"manifest invalid"}]}',
+        )
+        with pytest.raises(RegistryError, match="MANIFEST_INVALID.*try --compression gzip"):
+            push(store, "src:v1", f"{fake.host}/app:v1")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cowfs.errors import InvalidInput
+from cowfs.errors import InvalidInput, RegistryError
 from cowfs.registry import manifest as mf
 from cowfs.registry.cache import BlobRecord, RegistryCache
 from cowfs.registry.client import RegistryClient
@@ -173,7 +173,15 @@ def push(
             for layer in layers
         ]
         body = mf.build_manifest(config_desc, descs, media_type)
-        digest = client.put_manifest(r.repository, r.reference, body, media_type)
+        try:
+            digest = client.put_manifest(r.repository, r.reference, body, media_type)
+        except RegistryError as exc:
+            if docker or getattr(exc, "http_status", None) not in (400, 415):
+                raise
+            # Registries from before OCI 1.1 refuse zstd layers or OCI manifests.
+            raise RegistryError(
+                f"{exc.message}; an older registry? try --compression gzip"
+            ) from None
         cache.add_manifest(r.registry, r.repository, digest, image.id)
         cache.save()
     finally:
