@@ -175,8 +175,9 @@ def _fetch_layers(
     jobs: int,
     progress: Progress,
 ) -> dict[str, str]:
-    """Download and import layers in parallel; blob digest -> layer id. On the first error the
-    others stop at their next chunk; layers already imported stay (they are complete)."""
+    """Download and import layers in parallel; blob digest -> layer id. The first error (or
+    Ctrl-C) breaks off the other downloads at once; layers already imported stay (they are
+    complete, and a retry will not fetch them again)."""
     if not todo:
         return {}
     from cowfs.layertar import import_layer
