@@ -267,26 +267,29 @@ class UnionFS:
 
     def _forget(self, path: str) -> None:
         """Note that the upper no longer has `path` (and anything below it)."""
-        old = self._up.pop(path, None)
-        if old is None:
-            return
-        if old != DIR:
-            self._hiders -= 1
-        self._ino.pop(path, None)
-        self._drop_link(path)
-        if old == DIR:
-            if path in self._opaque:
-                self._opaque.discard(path)
+        # A work list, not recursion: a subtree may be thousands of directories deep.
+        stack = [path]
+        while stack:
+            p = stack.pop()
+            old = self._up.pop(p, None)
+            if old is None:
+                continue
+            if old != DIR:
                 self._hiders -= 1
-            prefix = path + "/"
-            for name in self._kids.pop(path, set()):
-                self._forget(prefix + name)
-            self._listing.clear()
-        parent, name = _parent_name(path)
-        siblings = self._kids.get(parent)
-        if siblings is not None:  # None while a whole subtree is being forgotten
-            siblings.discard(name)
-        self._listing.pop(parent, None)
+            self._ino.pop(p, None)
+            self._drop_link(p)
+            if old == DIR:
+                if p in self._opaque:
+                    self._opaque.discard(p)
+                    self._hiders -= 1
+                prefix = p + "/"
+                stack.extend(prefix + name for name in self._kids.pop(p, set()))
+                self._listing.clear()
+            parent, name = _parent_name(p)
+            siblings = self._kids.get(parent)
+            if siblings is not None:  # None while a whole subtree is being forgotten
+                siblings.discard(name)
+            self._listing.pop(parent, None)
 
     def _set_opaque(self, path: str) -> None:
         if path not in self._opaque:
@@ -931,16 +934,23 @@ class UnionFS:
 
     def _remove_work_tree(self, rel: str) -> None:
         assert self.work is not None
-        try:
-            st = self.work.lstat(rel)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            for name in self.work.listdir(rel):
-                self._remove_work_tree(f"{rel}/{name}")
-            self.work.rmdir(rel)
-        else:
-            self.work.unlink(rel)
+        # Depth first with an explicit stack (a tree may nest deeper than Python recurses):
+        # a directory is removed once it has been seen a second time, emptied.
+        stack = [(rel, False)]
+        while stack:
+            p, emptied = stack.pop()
+            if emptied:
+                self.work.rmdir(p)
+                continue
+            try:
+                st = self.work.lstat(p)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((p, True))
+                stack.extend((f"{p}/{name}", False) for name in self.work.listdir(p))
+            else:
+                self.work.unlink(p)
 
     @_locked
     def rename(self, old: str, new: str, flags: int = 0) -> None:
@@ -1043,10 +1053,13 @@ class UnionFS:
 
     def _copy_up_dir(self, path: str) -> None:
         """Make sure the directory `path` (and its parents) exists in the upper."""
-        if self._up.get(path) == DIR:
-            return
-        self._copy_up_dir(_parent_name(path)[0])
-        self._copy_up(path)
+        # A loop, not recursion: images nest directories thousands deep (Python stops at 1000).
+        missing = []
+        while self._up.get(path) != DIR:
+            missing.append(path)
+            path = _parent_name(path)[0]
+        for p in reversed(missing):
+            self._copy_up(p)
 
     def _copy_up(self, path: str, *, data: bool = True) -> None:
         """Copy the visible lower entry at `path` into the upper, with its hard-link group."""
