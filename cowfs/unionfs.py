@@ -180,6 +180,9 @@ class UnionFS:
         self._opaque: set[str] = set()
         self._ino: dict[str, int] = {}
         self._listing: dict[str, list[tuple[str, bool]]] = {}
+        # st_nlink of upper dirs: only directory children count, so creating and removing
+        # files (the common churn) keeps it; recomputing it per getattr would be O(n) each.
+        self._nlinks: dict[str, int] = {}
         # Upper files with several names: host inode -> names, and back. The kernel caches
         # each name as its own inode (libfuse's path API), so a change through one name must
         # invalidate what it caches for the others (`notify`).
@@ -264,6 +267,9 @@ class UnionFS:
         self._kids[parent].add(name)
         self._listing.pop(parent, None)
         self._listing.pop(path, None)
+        if kind in (DIR, WHITEOUT) or old in (DIR, WHITEOUT):  # a whiteout may hide a dir
+            self._nlinks.pop(parent, None)
+            self._nlinks.pop(path, None)
 
     def _forget(self, path: str) -> None:
         """Note that the upper no longer has `path` (and anything below it)."""
@@ -285,17 +291,21 @@ class UnionFS:
                 prefix = p + "/"
                 stack.extend(prefix + name for name in self._kids.pop(p, set()))
                 self._listing.clear()
+                self._nlinks.clear()
             parent, name = _parent_name(p)
             siblings = self._kids.get(parent)
             if siblings is not None:  # None while a whole subtree is being forgotten
                 siblings.discard(name)
             self._listing.pop(parent, None)
+            if old == WHITEOUT:
+                self._nlinks.pop(parent, None)
 
     def _set_opaque(self, path: str) -> None:
         if path not in self._opaque:
             self._opaque.add(path)
             self._hiders += 1
         self._listing.pop(path, None)
+        self._nlinks.pop(path, None)
 
     def _add_links(self, paths: Sequence[str], host_ino: int) -> None:
         names = self._links.setdefault(host_ino, set())
@@ -420,13 +430,16 @@ class UnionFS:
     def _dir_nlink(self, path: str, in_upper: bool) -> int:
         if not in_upper:  # a lower-only dir has nothing of the upper below it
             return self.idx.nlink[path]
-        prefix = path + "/" if path else ""
-        n = 2
-        for name, up in self._listdir(path):
-            child = prefix + name
-            kind = self._up[child] if up else self.idx.entries[child].kind
-            if kind == DIR:
-                n += 1
+        n = self._nlinks.get(path)
+        if n is None:
+            prefix = path + "/" if path else ""
+            n = 2
+            for name, up in self._listdir(path):
+                child = prefix + name
+                kind = self._up[child] if up else self.idx.entries[child].kind
+                if kind == DIR:
+                    n += 1
+            self._nlinks[path] = n
         return n
 
     def _lower_nlink(self, path: str, ino: int) -> int:
@@ -1039,6 +1052,7 @@ class UnionFS:
                        for p in names}  # fmt: skip
             self._add_links(sorted(renamed), host_ino)
         self._listing.clear()
+        self._nlinks.clear()
 
     # -- copy-up --------------------------------------------------------------------------------
 
