@@ -9,7 +9,9 @@ Reading of a layer, entry by entry (the OCI layer spec, with docker's choices wh
 
 * names are cleaned by pathsafe ("./a", "/a" and "a" are the same entry; ".." that escapes is
   refused); an entry whose parent is a symlink or a non-directory *in the same layer* is refused
-  (a tar extractor would write through the symlink, possibly out of the root);
+  (a tar extractor would write through the symlink, possibly out of the root); a path through a
+  symlink of a *lower* layer (given `lowers`) is followed inside the root, as docker and umoci
+  extract it ("bin/sh" over "bin -> usr/bin" is "usr/bin/sh"; see follow_lower_symlinks);
 * `.wh.<name>` hides <name> of the layers below, `.wh..wh..opq` hides everything below in its
   directory; a whiteout of a whiteout (`.wh..wh.x`) is refused. A whiteout whose path also exists
   in the same layer only hides the lower layers: for a directory that is an opaque directory;
@@ -45,7 +47,7 @@ import os
 import tarfile
 import zlib
 from base64 import b64decode
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import BinaryIO, NamedTuple
@@ -228,9 +230,14 @@ class _LayerReader:
             for p in [p for p in entries if p.startswith(prefix)]:
                 del entries[p]
 
-    def finish(self) -> Toc:
-        """Normalise what the stream order left behind; the TOC the layer is made of."""
+    def finish(self, lower: Lookup | None = None) -> Toc:
+        """Normalise what the stream order left behind; the TOC the layer is made of.
+
+        `lower` looks paths up in the merged layers below, for paths that go through a
+        symlink there (see follow_lower_symlinks)."""
         toc = self.toc
+        if lower is not None:
+            follow_lower_symlinks(toc, lower)
         for path in list(toc.whiteouts):
             e = toc.entries.get(path)
             if e is not None:
@@ -255,6 +262,82 @@ class _LayerReader:
                 else:
                     e.link = renumber.setdefault(e.link, len(renumber) + 1)
         return toc
+
+
+Lookup = Callable[[str], "Entry | None"]
+MAX_SYMLINKS = 40  # as Linux's path walk
+
+
+def resolve_parents(path: str, lookup: Lookup) -> str:
+    """`path` with every symlink among its parents followed, inside the root.
+
+    The way tar extraction onto a root filesystem reads a path (securejoin, as docker and umoci
+    do it): an absolute target starts again at the image root, ".." stops at the root, and the
+    last component is not followed. Pure: `lookup` answers what is at a path.
+    """
+    *dirs, last = path.split("/")
+    todo = dirs[::-1]  # a stack of components still to walk
+    out: list[str] = []
+    links = 0
+    while todo:
+        c = todo.pop()
+        if c in ("", "."):
+            continue
+        if c == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(c)
+        e = lookup("/".join(out))
+        if e is not None and e.kind == SYMLINK:
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise UnsafePath(f"{path!r}: too many levels of symbolic links")
+            out.pop()
+            if e.target.startswith("/"):
+                out = []
+            todo.extend(reversed(e.target.split("/")))
+    return "/".join([*out, last])
+
+
+def follow_lower_symlinks(toc: Toc, lower: Lookup) -> None:
+    """Move entries whose path goes through a symlink of a lower layer to where that symlink
+    leads (inside the root), as extracting the layer onto the rootfs would put them.
+
+    A layer that adds "bin/sh" over a lower "bin -> usr/bin" means "usr/bin/sh". Only paths with
+    a parent the layer itself does not have are looked at, so the lower layers are consulted
+    (and merged) only for such layers. Where a moved entry meets one the layer names itself,
+    the layer's own one stays.
+    """
+    own = toc.entries
+
+    def lookup(p: str) -> Entry | None:
+        e = own.get(p)
+        return e if e is not None else lower(p)
+
+    def needs(path: str) -> bool:
+        return any(p not in own for p in parents(path) if p)
+
+    dirs: dict[str, str] = {}  # directory -> where it really is (all of it followed)
+
+    def resolve(path: str) -> str:
+        parent, _, name = path.rpartition("/")
+        real = dirs.get(parent)
+        if real is None:
+            real = dirs[parent] = resolve_parents(parent + "/x", lookup)[:-2]
+        return f"{real}/{name}" if real else name
+
+    moves = {p: resolve(p) for p in list(own) if needs(p)}
+    for old, new in moves.items():
+        if new != old and new not in own:
+            e = own.pop(old)
+            e.path = new
+            own[new] = e
+        elif new != old:
+            del own[old]
+    toc.whiteouts = {resolve(w) if needs(w) else w for w in toc.whiteouts}
+    # An opaque marker sits inside its directory: the directory itself is followed too.
+    toc.opaque = {resolve(d + "/x")[:-2] if d and needs(d + "/x") else d for d in toc.opaque}
 
 
 class _ExactReader(io.RawIOBase):
@@ -313,12 +396,13 @@ def _xattrs(m: TarMember) -> dict[str, bytes] | None:
 
 def read_layer(
     lb, f: BinaryIO, *, blob_size: int | None, limits: Limits = DEFAULT_LIMITS,
-    progress: Progress | None = None, what: str = "layer",
+    progress: Progress | None = None, what: str = "layer", lower: Lookup | None = None,
 ) -> tuple[Toc, str, str, str | None]:  # fmt: skip
     """Read one layer blob from `f` into `lb`; (toc, blob digest, diff_id, compression).
 
-    `lb` is the store's LayerBuilder the entries go into. Raises InvalidInput
-    (UnsafePath for escaping names) naming the entry at fault.
+    `lb` is the store's LayerBuilder the entries go into; `lower` looks paths up in the merged
+    layers below (None: a bottom layer). Raises InvalidInput (UnsafePath for escaping names)
+    naming the entry at fault.
     """
     head = f.read(4)
     compression = detect_compression(head)
@@ -362,7 +446,7 @@ def read_layer(
             raise InvalidInput("damaged or truncated archive (zstd stream ends inside a frame)")
         if last is None and not reader.ended:
             raise InvalidInput("empty archive")
-        toc = state.finish()
+        toc = state.finish(lower)
     except CowfsError as exc:
         raise type(exc)(f"{what}{where}: {exc.message}") from None
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
@@ -382,14 +466,16 @@ def import_layer(
     store, blob_path: str | os.PathLike | BinaryIO, *, media_type: str | None = None,
     expect_digest: str | None = None, expect_diff_id: str | None = None,
     progress: Progress | None = None, limits: Limits = DEFAULT_LIMITS,
-    blob_size: int | None = None,
+    blob_size: int | None = None, lowers: Sequence[str] = (),
 ) -> str:  # fmt: skip
     """Import one layer blob into the store; returns the layer id.
 
     Idempotent: a layer already known by `expect_digest` or `expect_diff_id` is not read again.
     The blob digest and diff_id are verified against what is expected and recorded in the
     layer's meta. `blob_path` may also be an open binary file (then give `blob_size` when the
-    blob may be compressed, for the bomb budget). Nothing is visible unless this returns.
+    blob may be compressed, for the bomb budget). `lowers` are the ids of the layers it goes
+    on (bottom first): paths through their symlinks are followed as docker would (see
+    follow_lower_symlinks). Nothing is visible unless this returns.
     """
     for known in (expect_digest, expect_diff_id):
         if known:
@@ -409,7 +495,8 @@ def import_layer(
     try:
         with store.new_layer() as lb:
             _, digest, diff_id, compression = read_layer(
-                lb, f, blob_size=blob_size, limits=limits, progress=progress, what=what
+                lb, f, blob_size=blob_size, limits=limits, progress=progress, what=what,
+                lower=_lower_lookup(store, lowers) if lowers else None,
             )
             if expect_digest and digest != expect_digest:
                 raise DigestMismatch(f"{what}: blob is {digest}, expected {expect_digest}")
@@ -420,6 +507,20 @@ def import_layer(
     finally:
         if f is not blob_path:
             f.close()
+
+
+def _lower_lookup(store, lowers: Sequence[str]) -> Lookup:
+    """Lookups in the merged view of `lowers`, merged on first use (most layers never ask)."""
+    from cowfs.index import merge
+
+    merged: list = []
+
+    def lookup(path: str) -> Entry | None:
+        if not merged:
+            merged.append(merge([store.load_toc(x) for x in lowers]))
+        return merged[0].get(path)
+
+    return lookup
 
 
 # -- export --------------------------------------------------------------------------------------

@@ -245,7 +245,7 @@ def _import_oci(store: Store, source: _Source, selector: str | None, tag: str | 
                 )
             layer_ids.append(layertar.import_layer(
                 store, f, media_type=ldesc.get("mediaType"), expect_digest=digest,
-                expect_diff_id=diff_id, progress=progress, blob_size=size,
+                expect_diff_id=diff_id, progress=progress, blob_size=size, lowers=tuple(layer_ids),
             ))  # fmt: skip
     full_name = (desc.get("annotations") or {}).get(CONTAINERD_NAME)
     if tag is None and full_name:  # docker save (25+) writes an OCI layout naming the image so
@@ -380,7 +380,7 @@ def _import_docker(store: Store, source: _Source, selector: str | None, tag: str
         with f:
             layer_ids.append(layertar.import_layer(
                 store, f, media_type=MT_DOCKER_LAYER, expect_diff_id=diff_id,
-                progress=progress, blob_size=size,
+                progress=progress, blob_size=size, lowers=tuple(layer_ids),
             ))  # fmt: skip
     repo_tags = entry.get("RepoTags") or []
     if tag is None and repo_tags:

@@ -354,3 +354,32 @@ def test_rootfs_dir_import(store: Store, tmp_path: Path) -> None:
     (src / "sock").unlink()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert import_dir_layer(store, src) == layer_id
+
+
+LINKS = {"bin": "usr/bin", "lib": "/usr/lib", "up": "../../..", "loop": "loop", "ab": "a/b",
+         "a": "x", "x/b": "/usr"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "want"), [
+    ("bin/sh", "usr/bin/sh"),          # a relative link
+    ("lib/x.so", "usr/lib/x.so"),      # an absolute one starts at the image root
+    ("up/etc/passwd", "etc/passwd"),   # '..' stops at the root
+    ("ab/c", "usr/c"),                 # a link through a link
+    ("bin", "bin"),                    # the last component is not followed
+    ("usr/bin/sh", "usr/bin/sh"),
+])  # fmt: skip
+def test_resolve_parents(path: str, want: str) -> None:
+    from cowfs.toc import Entry
+
+    def lookup(p: str) -> Entry | None:
+        return Entry(p, SYMLINK, target=LINKS[p]) if p in LINKS else None
+
+    assert layertar.resolve_parents(path, lookup) == want
+
+
+def test_resolve_parents_loop() -> None:
+    from cowfs.errors import UnsafePath
+    from cowfs.toc import Entry
+
+    with pytest.raises(UnsafePath, match="too many levels"):
+        layertar.resolve_parents("loop/x", lambda p: Entry(p, SYMLINK, target="loop"))

@@ -248,3 +248,42 @@ def test_parallel_imports_of_one_image(umoci_image: Path, store: Store) -> None:
                             range(3)))  # fmt: skip
     assert len(set(ids)) == 1 and store.image_ids() == ids[:1]
     assert len(store.layers()) == 3
+
+
+def test_paths_through_lower_symlinks_follow_them_like_umoci(store: Store,
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    """A layer that writes bin/foo over a lower bin -> usr/bin: umoci (and docker) put the file
+    in usr/bin, inside the root even for links that point out of it; cowfs reads it the same."""
+    need_root()
+    need_tool("umoci", "tar")
+    layout, bundle = tmp_path / "L", tmp_path / "B"
+    run("umoci", "init", "--layout", str(layout))
+    run("umoci", "new", "--image", f"{layout}:base")
+    run("umoci", "unpack", "--image", f"{layout}:base", str(bundle))
+    root = bundle / "rootfs"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/lib").mkdir(parents=True)
+    (root / "usr/bin/ls").write_text("ls\n")
+    (root / "usr/bin/cat").write_text("cat\n")
+    os.symlink("usr/bin", root / "bin")
+    os.symlink("/usr/lib", root / "lib")
+    os.symlink("../../../../tmp", root / "out")  # climbs out of the root: clamped there
+    run("umoci", "repack", "--image", f"{layout}:base", str(bundle))
+    raw = tmp_path / "top.tar"
+    with tarfile.open(raw, "w", format=tarfile.PAX_FORMAT) as tar:  # no directory entries
+        for name in ("bin/foo", "lib/x.so", "out/pwned", "bin/.wh.cat"):
+            info = tarfile.TarInfo(name)
+            data = name.encode()
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    run("umoci", "raw", "add-layer", "--image", f"{layout}:base", "--tag", "top", str(raw))
+
+    image = store.image(oci.import_image(store, f"{layout}:top"))
+    top = store.load_toc(image.layers[-1])
+    assert set(top.entries) == {"usr/bin/foo", "usr/lib/x.so", "tmp/pwned"}
+    assert top.whiteouts == {"usr/bin/cat"}
+    out = tmp_path / "out"
+    oci.export_image(store, image.id, f"{out}:top")
+    want = umoci_unpack(f"{layout}:top", tmp_path / "want")
+    assert "usr/bin/foo" in want and "usr/bin/cat" not in want and "tmp/pwned" in want
+    assert umoci_unpack(f"{out}:top", tmp_path / "got") == want
