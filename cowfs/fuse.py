@@ -82,7 +82,7 @@ class _CowfsFUSE(mfusepy.FUSE):
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(os.fsdecode(old), os.fsdecode(new), flags)
 
-    # setattr-style calls get the open file too: with hard_remove an unlinked file has no path.
+    # setattr-style calls get the open file too: libfuse may give no path for an open file.
 
     def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         if buf:
