@@ -118,9 +118,11 @@ class _TarSource(_Source):
         try:
             self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
             self.members = {_norm(m.name): m for m in self.tar.getmembers()}
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InvalidInput(f"{path}: not a readable tar archive ({why})") from None
+        except OSError as exc:
+            raise InvalidInput(f"{path}: cannot read it ({exc.strerror})") from None
+        except (tarfile.TarError, EOFError):
+            raise InvalidInput(f"{path}: not an image archive (not a tar file, or a damaged "
+                               "one)") from None  # fmt: skip
 
     def open(self, path: str) -> tuple[BinaryIO, int]:
         m = self.members.get(_norm(path))
