@@ -40,6 +40,12 @@ class HostDir:
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
+    def syncfs(self) -> None:
+        """Write everything of this directory's filesystem to disk (syncfs(2))."""
+        if _libc.syncfs(self.fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), self.path)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

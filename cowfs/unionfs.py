@@ -205,6 +205,8 @@ class UnionFS:
         self._handles.clear()
         for layer in self.layers:
             layer.close()
+        if self.upper is not None and not self.read_only:
+            self.upper.syncfs()  # umount returns with the changes on disk
         for d in (self.upper, self.work):
             if d is not None:
                 d.close()
