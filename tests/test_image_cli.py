@@ -107,7 +107,8 @@ def test_inspect_tag_rm(two_images: Path) -> None:
     assert cowfs(two_images, "image", "rm", "again") == \
         (0, f"Untagged: again\nDeleted: {image_id}\n", "")  # fmt: skip
     b_id = store.resolve("b:1").id
-    assert cowfs(two_images, "image", "rm", b_id[:12]) == (0, f"Deleted: {b_id}\n", "")
+    assert cowfs(two_images, "image", "rm", b_id[:12]) == \
+        (0, f"Untagged: b:1\nDeleted: {b_id}\n", "")  # fmt: skip
     assert store.images() == []
 
 

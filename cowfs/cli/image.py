@@ -171,9 +171,10 @@ def rm(obj: dict, refs: tuple[str, ...], force: bool) -> None:
         last_tag = len(store.tags_of(img.id)) <= 1
         if img.id in in_use and (not by_tag or last_tag):
             raise InUse(f"image {ref} is used by a container (remove it first, or use --force)")
+        untagged = [ref] if by_tag else store.tags_of(img.id)  # by id: every tag goes
         deleted = store.remove_image(ref)
-        if by_tag:
-            click.echo(f"Untagged: {ref}")
+        for t in untagged:
+            click.echo(f"Untagged: {t}")
         for image_id in deleted:
             click.echo(f"Deleted: {image_id}")
 
