@@ -28,7 +28,8 @@ Reading of a layer, entry by entry (the OCI layer spec, with docker's choices wh
 Decompression bombs are refused by a size budget (see Limits): both the decompressed stream and
 the sum of file sizes (sparse files count their full size) must stay within
 max(Limits.floor, Limits.max_ratio * blob size). An entry whose declared size would exceed the
-budget is refused from its header, before a byte of it is read.
+budget is refused from its header, before a byte of it is read. A layer may hold at most
+Limits.max_entries entries (2 million), whiteouts included.
 
 Export writes a deterministic tar: entries in tree order, PAX format, numeric owners, xattrs as
 SCHILY.xattr, hard links as link entries to the first name of their group, whiteouts as
@@ -88,6 +89,9 @@ class Limits:
 
     max_ratio: int = 100  # uncompressed bytes per blob byte
     floor: int = 4 << 30  # any blob may expand to this much, whatever its ratio
+    # Entries per layer: each costs memory in the TOC (a full Debian has ~300k files), and
+    # millions of empty headers compress to next to nothing.
+    max_entries: int = 2_000_000
 
     def budget(self, blob_size: int) -> int:
         return max(self.floor, self.max_ratio * blob_size)
@@ -109,8 +113,9 @@ class BlobInfo(NamedTuple):
 class _LayerReader:
     """State of one layer import: the entries so far and the builder they go into."""
 
-    def __init__(self, lb, budget: int, what: str) -> None:
+    def __init__(self, lb, budget: int, what: str, max_entries: int) -> None:
         self.lb = lb
+        self.entries_left = max_entries
         self.toc: Toc = lb.toc  # the builder's TOC, edited in place for duplicates and links
         self.budget = budget
         self.expanded = 0  # sum of regular file sizes, sparse ones at full size
@@ -119,6 +124,9 @@ class _LayerReader:
 
     # The one function that knows what a tar entry means.
     def apply(self, tar: TarReader, m: TarMember) -> None:
+        self.entries_left -= 1
+        if self.entries_left < 0:
+            raise InvalidInput("too many entries in one layer (a header bomb?)")
         path = pathsafe.clean(m.name)
         name = path.rpartition("/")[2]
         if name.startswith(WHITEOUT_PREFIX):
@@ -425,7 +433,7 @@ def read_layer(
     if compression is not None:
         stream = Prefetcher(stream)
     diff = HashingReader(stream, budget, what)
-    state = _LayerReader(lb, limits.budget(blob_size or 0), what)
+    state = _LayerReader(lb, limits.budget(blob_size or 0), what, limits.max_entries)
     where = ""
     try:
         reader = TarReader(diff)  # type: ignore[arg-type]

@@ -228,6 +228,8 @@ ROWS = [
         InvalidInput, "truncated"),  # fmt: skip
     Row("pax header bomb", lambda: raw_header(b"x", 1 << 32), InvalidInput, "pax header of"),
     Row("long name bomb", lambda: raw_header(b"L", 1 << 32), InvalidInput, "long name of"),
+    Row("header bomb", lambda: zst(tar(*(f(f"e{i}", b"") for i in range(300)))),
+        InvalidInput, "too many entries", limits=layertar.Limits(max_entries=256)),
     Row("gzip bomb", lambda: gz(zeros_tar(64 * MiB)()), InvalidInput, "decompression bomb",
         limits=SMALL),
     Row("zstd bomb", lambda: zst(zeros_tar(64 * MiB)()), InvalidInput, "decompression bomb",

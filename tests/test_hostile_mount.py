@@ -33,7 +33,7 @@ from cowfs.toc import REG, Entry
 from tests.conftest import cowfs_mounted, need_fuse, need_tool
 from tests.test_hostile import d, f, hard, snapshot, sym, tar, ti
 
-DEPTH = 2000  # nested directories (far beyond Python's default recursion limit of 1000)
+DEPTH = 1200  # nested directories (beyond Python's default recursion limit of 1000)
 
 
 @dataclass
