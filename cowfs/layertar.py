@@ -531,6 +531,36 @@ def _lower_lookup(store, lowers: Sequence[str]) -> Lookup:
     return lookup
 
 
+def rebase_layers(store, layer_ids: Sequence[str]) -> list[str]:
+    """`layer_ids` (bottom first) with every layer's paths through lower symlinks followed.
+
+    For layers imported without `lowers` (in parallel, as a registry pull does): a layer whose
+    paths all have their parents in the layer itself (the usual case) is kept as it is, and
+    costs a scan of its TOC; another is stored again, rewritten, as a new layer (same objects,
+    no OCI digests: it is not the tar it came from). Idempotent.
+    """
+    out: list[str] = []
+    for i, layer_id in enumerate(layer_ids):
+        toc = store.load_toc(layer_id)
+        own = toc.entries
+        paths = [*own, *toc.whiteouts, *(d + "/x" for d in toc.opaque if d)]
+        if i == 0 or all(p in own for q in paths for p in parents(q) if p):
+            out.append(layer_id)
+            continue
+        moved = Toc(entries={p: copy.copy(e) for p, e in own.items()},
+                    whiteouts=set(toc.whiteouts), opaque=set(toc.opaque))  # fmt: skip
+        follow_lower_symlinks(moved, _lower_lookup(store, tuple(out)))
+        if moved.layer_id() == layer_id:
+            out.append(layer_id)
+            continue
+        with store.new_layer() as lb:
+            for e in moved.entries.values():
+                lb.toc.add(e)  # contents are stored already: the same objects
+            lb.toc.whiteouts, lb.toc.opaque = moved.whiteouts, moved.opaque
+            out.append(lb.commit())
+    return out
+
+
 # -- export --------------------------------------------------------------------------------------
 
 

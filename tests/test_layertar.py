@@ -383,3 +383,19 @@ def test_resolve_parents_loop() -> None:
 
     with pytest.raises(UnsafePath, match="too many levels"):
         layertar.resolve_parents("loop/x", lambda p: Entry(p, SYMLINK, target="loop"))
+
+
+def test_rebase_layers_imported_apart(store: Store, tmp_path: Path) -> None:
+    """Layers imported without their lowers (a parallel pull) are rebased afterwards."""
+    base = import_bytes(store, tmp_path, tar_bytes(
+        (ti("usr", tarfile.DIRTYPE), None), (ti("usr/bin", tarfile.DIRTYPE), None),
+        (ti("usr/bin/ls"), b"ls"), (ti("bin", tarfile.SYMTYPE, linkname="usr/bin"), None)))
+    top = import_bytes(store, tmp_path, tar_bytes((ti("bin/foo"), b"foo")))
+    plain = import_bytes(store, tmp_path, tar_bytes((ti("etc", tarfile.DIRTYPE), None),
+                                                    (ti("etc/x"), b"x")))  # fmt: skip
+    layers = layertar.rebase_layers(store, [base, top, plain])
+    assert layers[0] == base and layers[2] == plain and layers[1] != top
+    rebased = store.load_toc(layers[1])
+    assert set(rebased.entries) == {"usr/bin/foo"}
+    assert store.objects.read(rebased.entries["usr/bin/foo"].digest) == b"foo"
+    assert layertar.rebase_layers(store, layers) == layers  # idempotent
