@@ -506,17 +506,26 @@ def _export_docker(store: Store, image: Image, ref: str, out: str,
     try:
         with tarfile.open(tmp_out, "w", format=tarfile.PAX_FORMAT) as tar:
             layer_paths, diff_ids, parent = [], [], ""
+            written: dict[str, str] = {}  # diff_id -> where its tar is in the archive
             for layer_id in image.layers:
                 blob = work / "layer.tar"
                 with open(blob, "wb") as f:
                     info = layertar.export_layer(store, layer_id, f, compression=None,
                                                  progress=progress)  # fmt: skip
+                # Directories are named by chain (as docker's v1 ids are), so a layer that
+                # appears twice gets two entries; its tar is stored once, then linked to.
                 hexid = info.diff_id.partition(":")[2]
+                if parent:
+                    hexid = hashlib.sha256(f"sha256:{parent} {info.diff_id}".encode()).hexdigest()
                 _add(tar, f"{hexid}/", None)
                 _add(tar, f"{hexid}/VERSION", b"1.0")
                 layer_json = {"id": hexid, **({"parent": parent} if parent else {})}
                 _add(tar, f"{hexid}/json", _dumps(layer_json))
-                _add_file(tar, f"{hexid}/layer.tar", blob)
+                if info.diff_id in written:
+                    _add_link(tar, f"{hexid}/layer.tar", f"../{written[info.diff_id]}")
+                else:
+                    _add_file(tar, f"{hexid}/layer.tar", blob)
+                    written[info.diff_id] = f"{hexid}/layer.tar"
                 layer_paths.append(f"{hexid}/layer.tar")
                 diff_ids.append(info.diff_id)
                 parent = hexid
@@ -549,6 +558,15 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
     info.mode = 0o644
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
+
+
+def _add_link(tar: tarfile.TarFile, name: str, target: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.mtime = 0
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    info.mode = 0o777
+    tar.addfile(info)
 
 
 def _add_file(tar: tarfile.TarFile, name: str, path: Path) -> None:

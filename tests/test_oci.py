@@ -287,3 +287,23 @@ def test_paths_through_lower_symlinks_follow_them_like_umoci(store: Store,
     want = umoci_unpack(f"{layout}:top", tmp_path / "want")
     assert "usr/bin/foo" in want and "usr/bin/cat" not in want and "tmp/pwned" in want
     assert umoci_unpack(f"{out}:top", tmp_path / "got") == want
+
+
+def test_docker_archive_with_a_repeated_layer(busybox_image, tmp_path: Path) -> None:
+    """The same layer twice (docker images have empty layers): two entries, one tar, and
+    skopeo reads the archive."""
+    need_tool("skopeo")
+    store = Store(busybox_image[0])
+    img = store.resolve("busybox:latest")
+    diff_id = img.config["rootfs"]["diff_ids"][0]
+    cfg = {**img.config, "rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]}}
+    cfg.pop("history", None)
+    twice = store.add_image(img.layers * 2, cfg, tags=["twice:1"])
+    archive = tmp_path / "twice.tar"
+    oci.export_image(store, "twice:1", archive, fmt="docker-archive")
+    with tarfile.open(archive) as t:
+        tars = [m for m in t.getmembers() if m.name.endswith("layer.tar")]
+    assert [m.isfile() for m in tars].count(True) == 1 and len(tars) == 2
+    assert len(json.loads(run("skopeo", "inspect", f"docker-archive:{archive}"))["Layers"]) == 2
+    other = Store(tmp_path / "other")
+    assert other.image(oci.import_image(other, archive)).layers == store.image(twice).layers
