@@ -38,6 +38,7 @@ from cowfs import maintenance, mounting, oci, overlaydir
 from cowfs.rootfs import import_rootfs
 from cowfs.store import Store
 from tests.conftest import cowfs_mounted, need_fuse, unmount_or_kill
+from tests.test_load import record_figure
 
 MiB = 1 << 20
 
@@ -266,8 +267,8 @@ def crash_rounds(tmp_path: Path, rounds: int, seed: int) -> Model:
         crash_round(store, base, model, rng)
     report = maintenance.fsck(store)
     assert report.ok, [p.to_json() for p in report.problems]
-    print(json.dumps({"figure": "crash_rounds", "rounds": model.rounds,
-                      "in_flight": model.in_flight, "files": len(model.files)}))  # fmt: skip
+    record_figure("crash_rounds", rounds=model.rounds, in_flight=model.in_flight,
+                  files=len(model.files))  # fmt: skip
     return model
 
 
@@ -306,15 +307,13 @@ def kill_at_random(cmd: list[str], rng: random.Random, longest: float) -> int | 
 
 
 def assert_store_clean(store: Store) -> None:
+    """fsck is clean and every image loads whole. A killed process may leave staging in tmp/
+    and unreferenced objects (gc's business), never a visible half image."""
     report = maintenance.fsck(store)
     assert report.ok, [p.to_json() for p in report.problems]
-    leftovers = [p for p in store.tmp.iterdir()] if store.tmp.exists() else []
-    # A killed process may leave staging in tmp/ (gc's business); never a visible half image.
     for image_id in store.image_ids():
-        image = store.image(image_id)
-        for layer in image.layers:
+        for layer in store.image(image_id).layers:
             store.load_toc(layer)
-    del leftovers
 
 
 def _source_layout(tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -366,7 +365,7 @@ def test_sigkill_during_import(tmp_path: Path, rounds: int) -> None:
         assert _mounted_view(Store(root), f"imp:{i}", tmp_path / f"v{i}") == want
         for image_id in Store(root).image_ids():  # importing again makes no second image
             assert image_id == Store(root).resolve(f"imp:{i}").id
-    print(json.dumps({"figure": "import_kills", "rounds": rounds, "finished": finished}))
+    record_figure("import_kills", rounds=rounds, finished_before_the_kill=finished)
 
 
 @pytest.mark.parametrize("rounds", [pytest.param(4, id="4-rounds"),
@@ -391,7 +390,7 @@ def test_sigkill_during_commit(tmp_path: Path, rounds: int) -> None:
     for i in range(rounds):
         cmd = cowfs_cmd(store.root, "commit", "--upper", str(upper), "--image", "crash:latest",
                         f"snap:{i}")  # fmt: skip
-        code = kill_at_random(cmd, rng, longest=2.5)
+        code = kill_at_random(cmd, rng, longest=1.5)
         killed += code is None
         tags = Store(store.root).tags()
         if code is None:
@@ -403,4 +402,4 @@ def test_sigkill_during_commit(tmp_path: Path, rounds: int) -> None:
         retry = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert retry.returncode == 0, retry.stderr
         assert _mounted_view(Store(store.root), f"snap:{i}", tmp_path / f"v{i}") == want
-    print(json.dumps({"figure": "commit_kills", "rounds": rounds, "killed": killed}))
+    record_figure("commit_kills", rounds=rounds, killed=killed)
