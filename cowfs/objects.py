@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -208,11 +209,23 @@ class ObjectReader:
         self.close()
 
 
+_tls = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    """One compressor per thread: making a context per object costs more than small objects'
+    compression itself, and a context must not be shared between threads."""
+    cctx = getattr(_tls, "cctx", None)
+    if cctx is None:
+        cctx = _tls.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+    return cctx
+
+
 def encode(data: bytes) -> bytes:
     """The stored form of `data`: seekable zstd, or raw with checksums when zstd does not pay."""
     frames = [data[i : i + FRAME_SIZE] for i in range(0, len(data), FRAME_SIZE)]
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-    compressed = [cctx.compress(f) for f in frames]
+    compress = _compressor().compress
+    compressed = [compress(f) for f in frames]
     checks = [_frame_checksum(f) for f in frames]
     packed = sum(len(c) for c in compressed)
     if packed > len(data) * (1 - MIN_SAVING):
@@ -227,6 +240,9 @@ def encode(data: bytes) -> bytes:
     return b"".join((*compressed, header, table, footer))
 
 
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
 class ObjectStore:
     """Objects under `root`/objects, staged in `tmp`, read through a shared frame cache."""
 
@@ -236,24 +252,58 @@ class ObjectStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.cache = FrameCache()
-        self._made_dirs: set[str] = set()
+        # Plain strings on the write path: pathlib costs more than the syscalls for small objects.
+        self._root_s = f"{self.root}/"
+        self._tmp_s = f"{self.tmp}/"
 
     def path(self, digest: str) -> Path:
-        if len(digest) != 32 or not all(c in "0123456789abcdef" for c in digest):
+        if not _HEX32.fullmatch(digest):
             raise NotFound(f"not an object digest: {digest!r}")
         return self.root / digest[:2] / digest[2:]
 
+    def _path_s(self, digest: str) -> str:
+        return f"{self._root_s}{digest[:2]}/{digest[2:]}"
+
     def has(self, digest: str) -> bool:
-        return self.path(digest).exists()
+        if not _HEX32.fullmatch(digest):
+            raise NotFound(f"not an object digest: {digest!r}")
+        return os.path.exists(self._path_s(digest))
 
     def put_bytes(self, data: bytes, digest: str | None = None) -> str:
         """Store `data`; returns its digest. Idempotent; safe from several threads."""
         digest = digest or digest_bytes(data)
-        path = self.path(digest)
-        if path.exists():
+        path = self._path_s(digest)
+        if os.path.exists(path):
             return digest
-        self._write(path, encode(data))
+        blob = encode(data)
+        tmp = f"{self._tmp_s}obj.{os.getpid()}.{threading.get_ident()}.{digest}"
+        # Created read-only: objects are immutable, a stray later open for writing fails loudly.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.close(fd)
+            fd = -1
+            self._rename_into_place(tmp, path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
         return digest
+
+    def _rename_into_place(self, tmp: str, path: str) -> None:
+        try:
+            os.rename(tmp, path)
+        except FileNotFoundError:
+            if not os.path.exists(tmp):
+                raise
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # first object of its fan-out dir
+            os.rename(tmp, path)
 
     def put_stream(self, f: BinaryIO, size: int | None = None) -> str:
         """Store the rest of a binary stream (read frame by frame: never all in memory)."""
@@ -261,7 +311,7 @@ class ObjectStore:
         if len(first) < FRAME_SIZE:  # the common case: a small file
             return self.put_bytes(first)
         hasher = xxhash.xxh3_128()
-        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+        cctx = _compressor()
         tmp = self._tmpfile()
         entries: list[bytes] = []
         raw_len = packed_len = 0
@@ -324,26 +374,9 @@ class ObjectStore:
     def _tmpfile(self) -> Path:
         return self.tmp / f"obj.{os.getpid()}.{threading.get_ident()}.{os.urandom(6).hex()}"
 
-    def _write(self, path: Path, blob: bytes) -> None:
-        tmp = self._tmpfile()
-        try:
-            with open(tmp, "wb") as out:
-                out.write(blob)
-            self._publish(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-
     def _publish(self, tmp: Path, path: Path) -> None:
-        parent = path.parent.name
-        if parent not in self._made_dirs:
-            path.parent.mkdir(exist_ok=True)
-            self._made_dirs.add(parent)
         os.chmod(tmp, 0o444)  # objects are immutable; a stray write should fail loudly
-        os.rename(tmp, path)
+        self._rename_into_place(str(tmp), str(path))
 
     def sync(self) -> None:
         """Make every object written so far durable (one syncfs for the whole batch)."""

@@ -32,12 +32,20 @@ from typing import Any, BinaryIO
 
 from cowfs.atomic import fsync_dir, write_atomic, write_json_atomic
 from cowfs.errors import InvalidInput, NotFound
-from cowfs.objects import FRAME_SIZE, ObjectStore, digest_bytes
+from cowfs.objects import ObjectStore, digest_bytes
 from cowfs.toc import REG, Entry, Toc
 
 # Files up to this size are read whole and compressed on a worker thread (zstd drops the GIL);
 # larger ones stream frame by frame so that memory stays bounded.
-_SMALL_FILE = 4 * FRAME_SIZE
+_SMALL_FILE = 16 * 1024 * 1024
+_BATCH_BYTES = 4 * 1024 * 1024
+_BATCH_FILES = 128
+_MAX_PENDING_BATCHES = 4
+
+
+def _put_all(objects: ObjectStore, batch: list[tuple[bytes, str]]) -> None:
+    for data, digest in batch:
+        objects.put_bytes(data, digest)
 
 
 def normalize_ref(ref: str) -> str:
@@ -280,7 +288,10 @@ class LayerBuilder:
         self.store = store
         self.toc = Toc()
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future[str]] = []
+        self._pending: list[Future[None]] = []
+        self._batch: list[tuple[bytes, str]] = []
+        self._batch_bytes = 0
+        self._known: set[str] = set()  # digests queued or stored by this builder
         self._link_digests: dict[int, tuple[str, int]] = {}
         self.bytes_in = 0
 
@@ -323,6 +334,7 @@ class LayerBuilder:
             if len(head) <= _SMALL_FILE:
                 data = head
             else:
+                self._flush_batch()
                 digest = self.store.objects.put_stream(_Chain(head, data))
                 with self.store.objects.open(digest) as r:
                     return digest, r.size
@@ -330,23 +342,38 @@ class LayerBuilder:
         if not data:
             return "", 0
         digest = digest_bytes(data)
-        if not self.store.objects.has(digest):
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
-            self._pending.append(self._pool.submit(self.store.objects.put_bytes, data, digest))
-            if len(self._pending) > 256:  # bound the memory held by queued files
-                self._pending.pop(0).result()
+        if digest not in self._known:
+            self._known.add(digest)
+            self._batch.append((data, digest))
+            self._batch_bytes += len(data)
+            if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_FILES:
+                self._flush_batch()
         return digest, len(data)
 
+    def _flush_batch(self) -> None:
+        """Hand the queued files to a worker thread: zstd releases the GIL, so compression
+        runs beside the caller's parsing. Batches keep the per-file handoff cost small."""
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1))
+        self._pending.append(self._pool.submit(_put_all, self.store.objects, batch))
+        while len(self._pending) > _MAX_PENDING_BATCHES:  # bound the memory held by queued files
+            self._pending.pop(0).result()
+
     def _drain(self) -> None:
-        pending, self._pending = self._pending, []
         try:
-            for fut in pending:
-                fut.result()
+            self._flush_batch()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+            pending, self._pending = self._pending, []
+            try:
+                for fut in pending:
+                    fut.result()
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
 
     def commit(self, *, diff_id: str | None = None, blobs: dict[str, str] | None = None) -> str:
         """Publish the layer (idempotent: an identical layer already stored is reused)."""
