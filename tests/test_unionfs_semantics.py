@@ -448,6 +448,16 @@ def test_open_then_unlinked_files_keep_working(union: Union) -> None:
     assert sorted(os.listdir(union.work)) == []
 
 
+def test_rename_over_an_open_file_keeps_it_readable(union: Union) -> None:
+    with open(union.m("d/b")) as f:
+        os.rename(union.m("d/a"), union.m("d/b"))
+        assert f.read() == "upper b\n"
+        assert os.fstat(f.fileno()).st_size == len("upper b\n")
+    assert read(union.m("d/b")) == "lower a\n"
+    assert sorted(os.listdir(union.m("d"))) == ["b", "h2", "sub"]
+    assert sorted(os.listdir(union.upper / "d")) == ["a", "b"]  # a: whiteout, b: the file
+
+
 def test_fsync_statfs_and_mmap(union: Union) -> None:
     fd = os.open(union.m("d/new"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
