@@ -110,6 +110,11 @@ def test_index_is_cached_per_image(store_root: Path, image: str, mnt: Path) -> N
     assert (mnt / "etc/hostname").read_text() == "box\n"
     mounting.umount(mnt)
     assert cached[0].stat().st_mtime_ns == before  # loaded, not merged again
+    cached[0].write_bytes(b"damaged")  # derived data: a damaged cache is rebuilt
+    mounting.mount(Store(store_root), image, mnt, read_only=True)
+    assert sorted(os.listdir(mnt / "etc")) == ["hostname", "passwd"]
+    mounting.umount(mnt)
+    assert cached[0].read_bytes() != b"damaged"
 
 
 def test_mount_without_upper_uses_a_fresh_dir_and_read_only_refuses(store_root: Path,
