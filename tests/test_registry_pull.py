@@ -261,3 +261,20 @@ def test_concurrent_pulls_of_one_image(registry: Registry, tmp_path: Path) -> No
     assert len(set(outs)) == 1 and store.image_ids() == [outs[0]]
     assert len(store.layers()) == 2 and list(store.tmp.iterdir()) == []
     assert tree(store, outs[0]) == expected_tree()
+
+
+def test_path_through_a_lower_symlink(registry: Registry, tmp_path: Path) -> None:
+    """Layer 2 writes lib/x where layer 1 made lib a symlink to usr/lib: extracted, as docker
+    and umoci do, the file lands in usr/lib (layers are imported in parallel, then rebased)."""
+    img = OciImage(
+        [
+            Layer({"usr": None, "usr/lib": None, "lib": ("sym", "usr/lib")}),
+            Layer({"lib/x": b"through the link\n"}),
+        ]
+    ).build()
+    skopeo_to_registry(img.write_layout(tmp_path / "layout"), registry, "link:v1")
+    store = Store(tmp_path / "store")
+    res = pull(store, f"{registry.host}/link:v1")
+    got = tree(store, res.image_id)
+    assert got["usr/lib/x"] == b"through the link\n"
+    assert got["lib"] == ("sym", "usr/lib")

@@ -135,8 +135,13 @@ def pull(
                            media_type=desc.media_type, repo=repo)  # fmt: skip
         else:
             cache.add_repo(desc.digest, repo)  # only if known already
+    # Layers were imported apart (in parallel): a path through a lower layer's symlink is
+    # followed now, as docker's extraction does (rarely needed; then a rewritten layer).
+    from cowfs.layertar import rebase_layers
+
+    image_layers = rebase_layers(store, layer_ids)
     tag = r.local_tag
-    image_id = store.add_image(layer_ids, config, tags=[tag] if tag else [])
+    image_id = store.add_image(image_layers, config, tags=[tag] if tag else [])
     cache.add_manifest(r.registry, r.repository, digest, image_id)
     if index_digest and not platform:
         # What ensure_image() finds a pull by the index's digest under (default platform only).
