@@ -1013,10 +1013,13 @@ class UnionFS:
         if kind == DIR and self._up.get(new) == WHITEOUT:
             self.upper.unlink(new)
             self._forget(new)
+        # A replaced hard-linked target: its other names' st_nlink goes down (as in unlink).
+        replaced = self._others(new) if target is not None and target[1] != DIR else []
         move(self.upper, old, self.upper, new, RENAME_WHITEOUT if whiteout else 0)
         self._move_mirror(old, new)
         if whiteout:
             self._record(old, WHITEOUT)
+        self._changed(replaced)
 
     def _same_inode(self, a: str, b: str) -> bool:
         na, nb = self._need(a), self._need(b)
