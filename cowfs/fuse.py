@@ -11,7 +11,12 @@ Options, and why:
 - no hard_remove: libfuse keeps an unlinked open file reachable (fstat, fchmod) under a
   .fuse_hidden name, which unionfs serves from the open handle without showing it anywhere;
 - readdirplus with full attributes: a stat-walk costs one request per directory, not per file;
-- default_permissions (the kernel checks modes as for any filesystem), allow_other as root.
+- default_permissions (the kernel checks modes as for any filesystem), allow_other as root;
+- single-threaded loop, no writeback cache by default. Measured on 5000 small files + 64 MiB
+  (medians of 5, interleaved): threads cost ~30% more daemon CPU and were slower at read-all
+  (7.1 s vs 4.8 s) and small-file churn; the writeback cache gained 5-20% on churn and read-all
+  but, with libfuse's path API, dirty pages of one hard-link name are not seen through the
+  others and unlinked open files get EIO on writeback. Both stay options (threads=, writeback=).
 """
 
 from __future__ import annotations
