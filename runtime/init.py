@@ -156,7 +156,9 @@ def container_init(
             namespaces.loopback_up()
         times.append(("init: pivot, hostname, lo", time.time()))
         user = users.resolve(spec.user, _read_text("/etc/passwd"), _read_text("/etc/group"))
-        os.makedirs(spec.cwd, exist_ok=True)  # docker creates a missing WorkingDir
+        # docker creates a missing WorkingDir, also where an image's symlink points; after the
+        # pivot, realpath resolves inside the container's root.
+        os.makedirs(os.path.realpath(spec.cwd), exist_ok=True)
         capabilities.drop_to(sys)
         capabilities.no_new_privs(sys)
         tty_fd = open_pty(chan) if spec.tty else None
