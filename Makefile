@@ -10,10 +10,11 @@ BIN := $(VENV)/bin
 STAMPS := .make
 
 # Debian packages: fuse3 for the mount, the rest are peers and oracles used by tests,
-# benchmarks and the demo (never mocked).
+# benchmarks and the demo (never mocked); gcc and libc6-dev build the static escape probe of
+# tests/test_isolation.py.
 APT_PKGS := fuse3 libfuse3-3 python3 python3-venv skopeo umoci runc busybox-static \
 	docker-registry fuse-overlayfs fio zstd attr debootstrap iproute2 procps util-linux psmisc \
-	openssl
+	openssl gcc libc6-dev
 
 .PHONY: all setup apt venv demo test test-quick stress bench lint clean
 
