@@ -7,6 +7,7 @@ skips the test with the reason; under CI=true it fails, because CI's own set-up 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -137,3 +138,10 @@ def unmount_or_kill(mnt: Path, pid: int) -> None:
     proc = mounting._DAEMONS.pop(pid, None)
     if proc is not None:
         proc.wait()
+    # A killed daemon could not remove its pid file.
+    pidfile = mounting._pidfile(str(mnt))
+    try:
+        if json.loads(pidfile.read_text()).get("pid") == pid:
+            pidfile.unlink()
+    except (OSError, ValueError):
+        pass
