@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import queue
 import random
 import subprocess
 import threading
@@ -271,7 +272,11 @@ def _mixed_load(tmp_path: Path, load_image: tuple[Store, dict[str, bytes]], seco
         results = []
         try:
             for _ in procs:  # a worker stuck in the mount is a deadlock: fail, do not wait on
-                results.extend(out.get(timeout=seconds + 120))
+                try:
+                    results.extend(out.get(timeout=seconds + 120))
+                except queue.Empty:
+                    pytest.fail(f"deadlock: a worker process did not finish {seconds + 120} s "
+                                f"after its {seconds} s of work")  # fmt: skip
         finally:
             for proc in procs:
                 proc.join(timeout=5)
