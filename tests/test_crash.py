@@ -3,9 +3,9 @@
 The daemon. A workload process makes random changes through the mount (new files written and
 fsynced, copy-ups of large lower files by a small in-place write, fsynced or not, renames of
 files and of lower directories, deletions of lower and upper files) and reports each one to the
-test before it starts and after it returned. At a random moment the daemon is killed with SIGKILL; the dead
-mount is detached (fusermount3 -u -z), the same upper and work directories are mounted again,
-and the view is checked against the model of acknowledged changes:
+test before it starts and after it returned. At a random moment the daemon is killed with
+SIGKILL; the dead mount is detached (fusermount3 -u -z), the same upper and work directories are
+mounted again, and the view is checked against the model of acknowledged changes:
 - every change that returned is there, fsynced or not (the daemon answers only after its own
   system call on the upper returned, and no writeback cache holds writes back);
 - the one change in flight is all or nothing: a copied-up file has its old full content or the
