@@ -1127,6 +1127,10 @@ class UnionFS:
                     if data and e.size:
                         self._copy_data(path, e, fd)
                     os.ftruncate(fd, e.size if data else 0)
+                    if data and e.size:
+                        # As overlayfs does: the copy is on disk before the rename makes it
+                        # hide the lower file, so a host crash cannot leave an empty file there.
+                        os.fdatasync(fd)
                 finally:
                     os.close(fd)
             elif e.kind == DIR:
