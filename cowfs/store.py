@@ -41,11 +41,12 @@ _SMALL_FILE = 16 * 1024 * 1024
 _BATCH_BYTES = 4 * 1024 * 1024
 _BATCH_FILES = 128
 _MAX_PENDING_BATCHES = 4
+# Workers overlap one batch's file writes (syscalls, no GIL) with another's compression.
+_WORKERS = 2
 
 
 def _put_all(objects: ObjectStore, batch: list[tuple[bytes, str]]) -> None:
-    for data, digest in batch:
-        objects.put_bytes(data, digest)
+    objects.put_many(batch)
 
 
 def normalize_ref(ref: str) -> str:
@@ -357,7 +358,7 @@ class LayerBuilder:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1))
+            self._pool = ThreadPoolExecutor(max_workers=_WORKERS)
         self._pending.append(self._pool.submit(_put_all, self.store.objects, batch))
         while len(self._pending) > _MAX_PENDING_BATCHES:  # bound the memory held by queued files
             self._pending.pop(0).result()

@@ -110,3 +110,15 @@ def test_no_temp_files_left(store: ObjectStore) -> None:
 
 def test_frame_size_is_the_unit_of_work() -> None:
     assert objects.FRAME_SIZE % 4096 == 0
+
+
+def test_put_many_stores_what_put_bytes_stores(tmp_path: Path) -> None:
+    datas = [text(n) for n in (1, 500, FRAME_SIZE, 3 * FRAME_SIZE + 11)] + [os.urandom(9000)]
+    one = ObjectStore(tmp_path / "one", tmp_path / "tmp")
+    many = ObjectStore(tmp_path / "many", tmp_path / "tmp")
+    digests = [one.put_bytes(d) for d in datas]
+    many.put_many([(d, digest_bytes(d)) for d in datas] + [(datas[0], digests[0])])
+    assert sorted(many) == sorted(digests)
+    for d, digest in zip(datas, digests, strict=True):
+        assert many.path(digest).read_bytes() == one.path(digest).read_bytes()
+        assert many.read(digest) == d
