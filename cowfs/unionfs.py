@@ -970,8 +970,11 @@ class UnionFS:
     @_locked
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         self._writable()
+        if flags & RENAME_EXCHANGE and not flags & ~RENAME_EXCHANGE:
+            self._exchange(old, new)
+            return
         if flags & ~RENAME_NOREPLACE:
-            raise err(errno.EINVAL)  # RENAME_EXCHANGE / RENAME_WHITEOUT are not offered
+            raise err(errno.EINVAL)  # RENAME_WHITEOUT is the kernel's own business
         if _parent_name(new)[1].startswith(HIDDEN_PREFIX) and self._detach(old, new):
             return
         _, kind = self._need(old)
@@ -1021,41 +1024,75 @@ class UnionFS:
             self._record(old, WHITEOUT)
         self._changed(replaced)
 
+    def _exchange(self, a: str, b: str) -> None:
+        """renameat2(RENAME_EXCHANGE): both names exist and swap places, atomically."""
+        _, a_kind = self._need(a)
+        _, b_kind = self._need(b)
+        if a == b or (a_kind != DIR and b_kind != DIR and self._same_inode(a, b)):
+            return
+        if b.startswith(a + "/") or a.startswith(b + "/"):
+            raise err(errno.EINVAL, b)
+        assert self.upper is not None
+        for p, kind in ((a, a_kind), (b, b_kind)):
+            if kind == DIR:
+                self._copy_up_tree(p)
+            elif p not in self._up:
+                self._copy_up(p)
+        for src, dst, kind in ((a, b, a_kind), (b, a, b_kind)):
+            if kind == DIR and dst in self.idx.entries:
+                # Whatever the lower has at its new name must stay hidden under it.
+                self.upper.setxattr(src, OPAQUE_XATTR, b"y")
+                self._set_opaque(src)
+        others = self._others(a) + self._others(b)
+        move(self.upper, a, self.upper, b, RENAME_EXCHANGE)
+        self._relocate([(a, b), (b, a)], forget=[a, b])
+        self._changed(others)
+
     def _same_inode(self, a: str, b: str) -> bool:
         na, nb = self._need(a), self._need(b)
         ia = self._ino_of(a, na[0])
         return ia == self._ino_of(b, nb[0]) and (na[0] == nb[0])
 
     def _move_mirror(self, old: str, new: str) -> None:
-        """Move the mirror's record of `old` (and its subtree) to `new`."""
-        moved: list[tuple[str, str, bool, int | None]] = []
+        """Move the mirror's record of `old` (and its subtree) to `new`, replacing `new`."""
+        self._relocate([(old, new)], forget=[old, new])
+
+    def _relocate(self, pairs: list[tuple[str, str]], forget: list[str]) -> None:
+        """Move mirror subtrees (all at once, so two can swap places)."""
+        moved: list[tuple[str, str, str, bool, int | None]] = []
         groups: dict[int, set[str]] = {}
-        stack = [old]
-        while stack:
-            p = stack.pop()
-            k = self._up[p]
-            moved.append((p[len(old) :], k, p in self._opaque, self._ino.get(p)))
-            host_ino = self._link_of.get(p)
-            if host_ino is not None:
-                groups[host_ino] = set(self._links[host_ino])
-            if k == DIR:
-                stack.extend(f"{p}/{n}" for n in self._kids.get(p, ()))
-        self._forget(old)
-        self._forget(new)
-        for suffix, k, opaque, ino in sorted(moved, key=lambda m: m[0].count("/")):
+        for old, new in pairs:
+            stack = [old]
+            while stack:
+                p = stack.pop()
+                k = self._up[p]
+                moved.append((new, p[len(old) :], k, p in self._opaque, self._ino.get(p)))
+                host_ino = self._link_of.get(p)
+                if host_ino is not None:
+                    groups[host_ino] = set(self._links[host_ino])
+                if k == DIR:
+                    stack.extend(f"{p}/{n}" for n in self._kids.get(p, ()))
+        for p in forget:
+            self._forget(p)
+        for new, suffix, k, opaque, ino in sorted(moved, key=lambda m: m[1].count("/")):
             p = new + suffix
             self._record(p, k)
             if opaque:
                 self._set_opaque(p)
             if ino is not None:
                 self._ino[p] = ino
+
+        def moved_to(path: str) -> str:
+            for old, new in pairs:
+                if path == old or path.startswith(old + "/"):
+                    return new + path[len(old) :]
+            return path
+
         for h in self._handles.values():
-            if h.path is not None and (h.path == old or h.path.startswith(old + "/")):
-                h.path = new + h.path[len(old) :]
+            if h.path is not None:
+                h.path = moved_to(h.path)
         for host_ino, names in groups.items():
-            renamed = {new + p[len(old) :] if p == old or p.startswith(old + "/") else p
-                       for p in names}  # fmt: skip
-            self._add_links(sorted(renamed), host_ino)
+            self._add_links(sorted(moved_to(p) for p in names), host_ino)
         self._listing.clear()
         self._nlinks.clear()
 

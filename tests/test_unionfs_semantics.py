@@ -334,6 +334,26 @@ def test_rename_follows_posix_rules(union: Union) -> None:
     assert read(union.m("ro")) == "lower a\n"
 
 
+def test_rename_exchange_swaps_lower_and_upper_names(union: Union) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def exchange(a: str, b: str) -> None:
+        if libc.renameat2(-100, union.m(a).encode(), -100, union.m(b).encode(), 2) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+    exchange("d/a", "d/b")  # lower file <-> file of the top lower
+    assert (read(union.m("d/a")), read(union.m("d/b"))) == ("upper b\n", "lower a\n")
+    exchange("d", "opq")  # merged dir <-> opaque dir
+    assert sorted(os.listdir(union.m("opq"))) == ["a", "b", "h2", "sub"]
+    assert os.listdir(union.m("d")) == ["visible"]
+    union.remount()
+    assert sorted(os.listdir(union.m("opq"))) == ["a", "b", "h2", "sub"]
+    assert os.listdir(union.m("d")) == ["visible"]
+    assert read(union.m("opq/b")) == "lower a\n"
+
+
 # -- hard links and inode numbers -----------------------------------------------------------------
 
 
