@@ -29,7 +29,6 @@ from cowfs.store import Image, Store
 from runtime import channel, init, monitor, namespaces, process, rootfs
 from runtime.cgroups import Cgroup
 from runtime.mounter import CowfsMounter, Mounter, is_mounted
-from runtime.proctitle import set_title
 from runtime.spec import ContainerSpec, RunOptions, build, merge_env, parse_env
 from runtime.state import State, StateDir, Status
 from runtime.syscalls import Syscalls
@@ -153,15 +152,7 @@ class Runtime:
                 os._exit(0)  # the monitor is re-parented to init: it outlives the CLI
             code = 0
             try:
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
-                # Keep none of the caller's descriptors: a pipe held open here would make
-                # whoever reads the CLI's output wait for the container's end.
-                os.closerange(3, w)
-                os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
-                os.chdir("/")
-                set_title(f"cowfs-monitor {sd.id[:12]}")
+                process.detach(w, f"cowfs-monitor {sd.id[:12]}")
                 self._supervise(sd, attached=False, ready_fd=w)
             except CowfsError as exc:
                 with contextlib.suppress(OSError):

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from cowfs.errors import CowfsError
 from cowfs.store import Store
-from runtime.proctitle import set_title
+from runtime import process
 
 
 class Mounter(Protocol):
@@ -57,14 +57,7 @@ class CowfsMounter:
             code = 2
             try:
                 os.setsid()  # terminal signals to the caller must not take the mount down
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
-                # hold no descriptor of the caller's: a pipe kept open here would hang readers
-                os.closerange(3, err_w)
-                os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
-                os.chdir("/")
-                set_title(f"cowfs-fuse {mountpoint}")
+                process.detach(err_w, f"cowfs-fuse {mountpoint}")
                 mounting.mount(store, ref, mountpoint, upper=upper, work=work,
                                read_only=read_only, foreground=True)  # fmt: skip
                 code = 0

@@ -23,7 +23,22 @@ from runtime import channel, namespaces
 from runtime import syscalls as sc
 from runtime.cgroups import Cgroup
 from runtime.namespaces import Namespace
+from runtime.proctitle import set_title
 from runtime.syscalls import Syscalls
+
+
+def detach(keep_fd: int, title: str) -> None:
+    """Turn a forked child into a background helper (monitor, FUSE daemon): stdio on
+    /dev/null, no descriptor of the caller's but `keep_fd`, cwd /, a title for ps."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    # A pipe of the caller's kept open here would make whoever reads the CLI's output wait
+    # for this process's end.
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    os.chdir("/")
+    set_title(title)
 
 
 def _close_other_fds(keep: set[int]) -> None:
