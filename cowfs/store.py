@@ -263,11 +263,11 @@ class Store:
         """Remove a tag (the image goes when its last tag goes) or an image by id with all its
         tags. Returns the ids of images deleted. Layers and objects stay until gc."""
         image = self.resolve(ref)
-        by_tag = normalize_ref(ref) in self.tags() and self.tags()[normalize_ref(ref)] == image.id
+        tag = normalize_ref(ref)
         with self.locked():
-            tags = self.tags()
-            if by_tag:
-                del tags[normalize_ref(ref)]
+            tags = self.tags()  # read once, under the lock that guards its replacement
+            if tags.get(tag) == image.id:
+                del tags[tag]
             else:
                 tags = {t: i for t, i in tags.items() if i != image.id}
             write_json_atomic(self.root / "tags.json", tags)
