@@ -13,39 +13,49 @@ The result answers every lookup of the union filesystem without touching a layer
 - `aliases[ino]`: the paths of hard-link groups with more than one visible member;
 - `nlink[path]`: 2 + subdirectories for directories, the group size for files.
 
-Building the index is pure. `dumps()`/`loads()` give the per-image cache format (marshal of plain
-tuples, zstd, checksummed), which loads a 60k-entry image in a fraction of a second.
+Building the index is pure. `dumps()`/`loads()` give the per-image cache format: one marshal
+record per directory (its children's entry columns, layers, inode numbers, link counts) behind a
+table of directory offsets, the whole file checksummed. `loads()` checks the checksum and reads
+only the table; a directory's record is decoded on the first lookup below it, so mounting a
+60k-entry image costs milliseconds and a container touches only the directories it uses.
 """
 
 from __future__ import annotations
 
 import marshal
-from collections.abc import Sequence
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
-import zstandard
 
 from cowfs.errors import Corruption
 from cowfs.toc import DIR, Entry, Toc
 
-INDEX_MAGIC = b"COWIDX1\n"
+INDEX_MAGIC = b"COWIDX3\n"
 # Bumped whenever the merge or numbering rules change, so stale caches are never used.
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 ROOT_INO = 1
 
 
 @dataclass(slots=True)
 class MergedIndex:
+    """The mappings are read-only once built. From `loads()` they are lazy (see `_Lazy`)."""
+
     entries: dict[str, Entry] = field(default_factory=dict)
     layer: dict[str, int] = field(default_factory=dict)
     children: dict[str, list[str]] = field(default_factory=dict)
     ino: dict[str, int] = field(default_factory=dict)
     nlink: dict[str, int] = field(default_factory=dict)
     aliases: dict[int, list[str]] = field(default_factory=dict)
+    count: int | None = None  # len() without decoding every directory (lazy indexes)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.entries) if self.count is None else self.count
 
     def __contains__(self, path: str) -> bool:
         return path in self.entries
@@ -57,47 +67,210 @@ class MergedIndex:
         return max(self.ino.values(), default=ROOT_INO)
 
     # -- cache format --------------------------------------------------------------------------
+    #
+    #   MAGIC | xxh128 of the rest (16) | u64 table length | table | directory records
+    #   table:  marshal (version, count, root row, aliases, {dir: (offset, length)})
+    #   record: marshal (names, entry columns, layers, inos, nlinks) of the dir's children
 
     def dumps(self) -> bytes:
-        # Column lists of plain values: marshal reads them at C speed and loads() rebuilds the
-        # dicts with zip/map, without a Python-level loop per entry.
-        paths = list(self.entries)
-        es = [self.entries[p] for p in paths]
-        columns = [[getattr(e, f) for e in es] for f in _ENTRY_FIELDS]
-        payload = marshal.dumps((
-            INDEX_VERSION, paths, columns, [self.layer[p] for p in paths],
-            [self.ino[p] for p in paths], [self.nlink[p] for p in paths],
-            {k: tuple(v) for k, v in self.children.items()},
-            {k: tuple(v) for k, v in self.aliases.items()},
+        records: list[bytes] = []
+        dirs: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for d, names in self.children.items():
+            prefix = d + "/" if d else ""
+            paths = [prefix + n for n in names]
+            rec = marshal.dumps(_rows(self, paths))
+            dirs[d] = (offset, len(rec))
+            records.append(rec)
+            offset += len(rec)
+        root = _rows(self, [""])
+        table = marshal.dumps((
+            INDEX_VERSION, len(self.entries), root,
+            {k: tuple(v) for k, v in self.aliases.items()}, dirs,
         ))  # fmt: skip
-        return INDEX_MAGIC + xxhash.xxh128_digest(payload) + zstandard.compress(payload, 1)
+        body = struct.pack("<Q", len(table)) + table + b"".join(records)
+        return INDEX_MAGIC + xxhash.xxh128_digest(body) + body
 
     @classmethod
-    def loads(cls, blob: bytes) -> MergedIndex:
+    def loads(cls, blob: bytes | memoryview | mmap.mmap) -> MergedIndex:
+        """A lazy index over a cache blob (any buffer: `load` maps the file); Corruption if the
+        blob is damaged anywhere."""
+        view = memoryview(blob)
         head = len(INDEX_MAGIC) + 16
-        if not blob.startswith(INDEX_MAGIC) or len(blob) < head:
+        if len(view) < head + 8 or view[: len(INDEX_MAGIC)] != INDEX_MAGIC:
             raise Corruption("merged index cache header is damaged")
-        try:
-            payload = zstandard.decompress(blob[head:])
-        except zstandard.ZstdError as exc:
-            raise Corruption(f"merged index cache does not decompress: {exc}") from None
-        if xxhash.xxh128_digest(payload) != blob[len(INDEX_MAGIC) : head]:
+        body = view[head:]
+        # The whole file is checked up front (about a millisecond for 60k entries), so a
+        # directory decoded later, from inside a FUSE call, is known good.
+        if xxhash.xxh128_digest(body) != view[len(INDEX_MAGIC) : head]:
             raise Corruption("merged index cache checksum mismatch")
+        (size,) = struct.unpack_from("<Q", body)
         try:
-            version, *rest = marshal.loads(payload)
+            version, count, root, aliases, dirs = marshal.loads(body[8 : 8 + size])
         except (EOFError, ValueError, TypeError) as exc:
             raise Corruption(f"merged index cache is unreadable: {exc}") from None
         if version != INDEX_VERSION:
             raise Corruption(f"merged index cache version {version} is not {INDEX_VERSION}")
-        paths, columns, layers, inos, nlinks, children, aliases = rest
-        idx = cls()
-        idx.entries = dict(zip(paths, map(Entry, paths, *columns), strict=True))
-        idx.layer = dict(zip(paths, layers, strict=True))
-        idx.ino = dict(zip(paths, inos, strict=True))
-        idx.nlink = dict(zip(paths, nlinks, strict=True))
-        idx.children = {k: list(v) for k, v in children.items()}
-        idx.aliases = {k: list(v) for k, v in aliases.items()}
+        loader = _Loader(body[8 + size :], dirs)
+        idx = cls(
+            entries=_Lazy(loader, loader.below), layer=_Lazy(loader, loader.below),
+            children=_Lazy(loader, loader.load), ino=_Lazy(loader, loader.below),
+            nlink=_Lazy(loader, loader.below),
+            aliases={k: list(v) for k, v in aliases.items()}, count=count,
+        )  # fmt: skip
+        loader.targets = (idx.entries, idx.layer, idx.ino, idx.nlink, idx.children)
+        loader.fill([""], root)
         return idx
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MergedIndex:
+        """The cache file at `path`, mapped rather than read: only the pages of the table and
+        of the directories looked up are copied out. FileNotFoundError if there is none.
+        Cache files are replaced by rename, never rewritten, so the mapping stays valid."""
+        with open(path, "rb") as f:
+            try:
+                mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            except ValueError:  # an empty file cannot be mapped
+                raise Corruption("merged index cache is empty") from None
+        return cls.loads(mapped)
+
+
+def _rows(idx: MergedIndex, paths: list[str]) -> tuple:
+    """Column lists of plain values: marshal reads them at C speed and `_Loader.fill` rebuilds
+    the dicts with zip/map, without a Python-level loop per entry."""
+    names = [p.rpartition("/")[2] for p in paths]
+    es = [idx.entries[p] for p in paths]
+    columns = [[getattr(e, f) for e in es] for f in _ENTRY_FIELDS]
+    return (names, columns, [idx.layer[p] for p in paths], [idx.ino[p] for p in paths],
+            [idx.nlink[p] for p in paths])  # fmt: skip
+
+
+class _Loader:
+    """Decodes directory records of a cache blob into the lazy mappings, each record once."""
+
+    def __init__(self, records: memoryview, dirs: dict[str, tuple[int, int]]) -> None:
+        self.records = records
+        self.dirs = dirs  # directories not decoded yet
+        self.targets: tuple[dict, ...] = ()
+        # FUSE may call from several threads: a record is decoded and filled in under the lock
+        # and only then leaves `dirs`, so a reader never sees a half-filled directory as gone.
+        self.lock = threading.Lock()
+
+    def below(self, path: str) -> bool:
+        """Decode the directory holding `path`; False if there is nothing more to decode."""
+        return bool(path) and self.load(path.rpartition("/")[0])
+
+    def load(self, d: str) -> bool:
+        if d not in self.dirs:
+            return False
+        with self.lock:
+            where = self.dirs.get(d)
+            if where is None:  # another thread did it meanwhile
+                return True
+            off, length = where
+            try:
+                row = marshal.loads(self.records[off : off + length])
+            except (EOFError, ValueError, TypeError) as exc:  # checksummed: a bug, not damage
+                raise Corruption(f"merged index cache record {d!r} is unreadable: {exc}") from None
+            prefix = d + "/" if d else ""
+            self.fill([prefix + n for n in row[0]], row)
+            dict.__setitem__(self.targets[4], d, list(row[0]))
+            del self.dirs[d]
+        return True
+
+    def load_all(self) -> None:
+        for d in list(self.dirs):
+            self.load(d)
+
+    def fill(self, paths: list[str], row: tuple) -> None:
+        _names, columns, layers, inos, nlinks = row
+        entries, layer, ino, nlink, _children = self.targets
+        dict.update(entries, zip(paths, map(Entry, paths, *columns), strict=True))
+        dict.update(layer, zip(paths, layers, strict=True))
+        dict.update(ino, zip(paths, inos, strict=True))
+        dict.update(nlink, zip(paths, nlinks, strict=True))
+
+
+_MISSING: Any = object()
+
+
+class _Lazy(dict):
+    """A dict filled in by directory on first use: a hit costs a dict lookup, a miss decodes
+    the record that would hold the key (once) and looks again. Everything that sees the whole
+    mapping (iteration, len, ==) decodes every record first. Read-only by contract."""
+
+    __slots__ = ("_fetch", "_loader")
+
+    def __init__(self, loader: _Loader, fetch: Callable[[str], bool]) -> None:
+        super().__init__()
+        self._loader = loader
+        self._fetch = fetch  # key -> decode what may hold it; False if nothing was left
+
+    def _all(self) -> None:
+        if self._loader.dirs:
+            self._loader.load_all()
+
+    def __missing__(self, key: str) -> Any:
+        if self._fetch(key):
+            v = dict.get(self, key, _MISSING)
+            if v is not _MISSING:
+                return v
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        v = dict.get(self, key, _MISSING)
+        if v is _MISSING:
+            if not self._fetch(key):
+                return default
+            v = dict.get(self, key, default)
+        return v
+
+    def __contains__(self, key: object) -> bool:
+        if dict.__contains__(self, key):
+            return True
+        return isinstance(key, str) and self._fetch(key) and dict.__contains__(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._all()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._all()
+        return dict.__len__(self)
+
+    def keys(self):  # type: ignore[override]
+        self._all()
+        return dict.keys(self)
+
+    def values(self):  # type: ignore[override]
+        self._all()
+        return dict.values(self)
+
+    def items(self):  # type: ignore[override]
+        self._all()
+        return dict.items(self)
+
+    def copy(self) -> dict:  # type: ignore[override]
+        self._all()
+        return dict(dict.items(self))
+
+    def __eq__(self, other: object) -> bool:
+        self._all()
+        if isinstance(other, _Lazy):
+            other._all()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        self._all()
+        return dict.__repr__(self)
+
+    def __reduce__(self) -> Any:
+        return (dict, (self.copy(),))
 
 
 # Entry fields after `path`, in Entry's positional order.

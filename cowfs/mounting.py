@@ -58,7 +58,7 @@ def image_index(store: Any, image: Any) -> MergedIndex:
     """The merged index of an image: from <store>/cache/, or merged and cached."""
     path = Path(store.cache_dir) / f"index-{image.id}-v{INDEX_VERSION}"
     try:
-        return MergedIndex.loads(path.read_bytes())
+        return MergedIndex.load(path)
     except FileNotFoundError:
         pass
     except Corruption:

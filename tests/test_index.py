@@ -122,3 +122,32 @@ def test_cache_columns_follow_the_entry_fields() -> None:
     from cowfs.index import _ENTRY_FIELDS
 
     assert ("path", *_ENTRY_FIELDS) == tuple(f.name for f in dataclasses.fields(Entry))
+
+
+def test_cache_loads_directories_on_first_use(tmp_path) -> None:
+    idx = merge([toc(d("a"), d("a/b"), f("a/b/x", size=7), f("a/y"), f("top", link=1),
+                     f("a/alias", link=1))])  # fmt: skip
+    path = tmp_path / "index"
+    path.write_bytes(idx.dumps())
+    back = MergedIndex.load(path)
+    assert len(back) == len(idx)
+    assert dict.__len__(back.entries) == 1  # only the root's row is decoded up front
+    assert back.entries["a/b/x"].size == 7 and back.ino["a/b/x"] == idx.ino["a/b/x"]
+    assert back.get("a/b/nothing") is None and "a/y" in back and "a/y/under-a-file" not in back
+    assert back.children.get("a/y") is None and back.children.get("a/b") == ["x"]
+    with pytest.raises(KeyError):
+        back.nlink["no/such"]
+    assert back.nlink["a"] == idx.nlink["a"] and back.layer.get("top") == 0
+    assert back.aliases == idx.aliases
+    assert sorted(back.entries) == sorted(idx.entries) and dict(back.ino) == idx.ino
+
+
+def test_damaged_cache_file_is_corruption(tmp_path) -> None:
+    blob = bytearray(merge([toc(d("a"), f("a/x"))]).dumps())
+    blob[len(blob) // 2] ^= 0x01
+    (tmp_path / "index").write_bytes(bytes(blob))
+    with pytest.raises(Corruption):
+        MergedIndex.load(tmp_path / "index")
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(Corruption):
+        MergedIndex.load(tmp_path / "empty")
