@@ -19,18 +19,9 @@ def _runtime(ctx: click.Context):
 
 
 def _exit_now(code: int) -> None:
-    """End an attached run/exec at once with the container's code. Skipping the interpreter's
-    teardown (every module and object freed) is ~10% of a short container's start-to-exit.
-    Only with real stdio: under click's CliRunner the normal exit path is kept."""
-    import os
+    from cowfs.cli.runcmd import exit_now
 
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        sys.stdout.fileno()
-    except Exception:  # noqa: BLE001 - io.UnsupportedOperation and friends: not a real file
-        return
-    os._exit(code)
+    exit_now(code)
 
 
 def _ago(t: float | None) -> str:
@@ -44,53 +35,31 @@ def _ago(t: float | None) -> str:
     return f"{secs} second{'s' if secs != 1 else ''}"
 
 
+def _run_options(f):
+    """The options of `run` from runcmd.RUN_OPTIONS (the quick parser reads the same table)."""
+    from cowfs.cli.runcmd import RUN_OPTIONS
+
+    for o in reversed(RUN_OPTIONS):
+        kind = click.Choice(list(o.choices)) if o.choices else o.type
+        f = click.option(*o.names, o.dest, is_flag=o.flag, multiple=o.multiple, type=kind,
+                         default=o.default, show_default=o.default is not None,
+                         help=o.help)(f)  # fmt: skip
+    return f
+
+
 @click.command(context_settings={"ignore_unknown_options": False,
                                  "allow_interspersed_args": False})  # fmt: skip
-@click.option("--name", help="Name the container.")
-@click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits.")
-@click.option("-d", "--detach", is_flag=True, help="Run in the background; print its id.")
-@click.option("-i", "--interactive", is_flag=True, help="Keep stdin attached.")
-@click.option("-t", "--tty", is_flag=True, help="Give the command a terminal.")
-@click.option("-e", "--env", multiple=True, help="Set an environment variable (KEY=VALUE).")
-@click.option("-w", "--workdir", help="Working directory inside the container.")
-@click.option("-u", "--user", help="UID[:GID] or name[:group] to run as.")
-@click.option("--hostname", help="Container host name (default: its short id).")
-@click.option("-v", "--volume", multiple=True, help="Bind mount HOST:CONTAINER[:ro].")
-@click.option("--read-only", is_flag=True, help="Mount the root file system read-only.")
-@click.option("--network", type=click.Choice(["none", "host"]), default="none",
-              show_default=True, help="none: its own loopback only; host: the host's network.")
-@click.option("-m", "--memory", help="Memory limit (e.g. 64m, 1g).")
-@click.option("--pids-limit", type=int, help="Maximum number of processes.")
-@click.option("--cpus", type=float, help="CPU quota in CPUs (e.g. 0.5).")
-@click.option("--entrypoint", help="Override the image's entrypoint.")
+@_run_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx: click.Context, name, auto_remove, detach, interactive, tty, env, workdir, user,
-        hostname, volume, read_only, network, memory, pids_limit, cpus, entrypoint, image,
-        command) -> int:  # fmt: skip
+def run(ctx: click.Context, image: str, command: tuple[str, ...], **values) -> int:
     """Run COMMAND in a new container of IMAGE, on a cowfs mount of it."""
-    from runtime.spec import RunOptions
+    from cowfs.cli.runcmd import execute
+    from cowfs.store import Store
 
-    if tty and not detach and not sys.stdin.isatty() and interactive:
-        raise InvalidInput("the input device is not a TTY (drop -t, or run from a terminal)")
-    opts = RunOptions(
-        command=list(command), entrypoint=entrypoint, env=list(env), workdir=workdir,
-        user=user, hostname=hostname, volumes=list(volume), read_only=read_only,
-        network=network, memory=memory, pids_limit=pids_limit, cpus=cpus, tty=tty,
-        interactive=interactive,
-    )
-    rt = _runtime(ctx)
-    from cowfs.cli.registry import image_for
-
-    image = image_for(rt.store, image)  # pulled from its registry when not in the store
-    state = rt.create(image, opts, name=name, auto_remove=auto_remove)
-    from runtime.container import _phase
-
-    _phase("created")
-    code = rt.run(state, detach=detach)
-    if detach:
-        click.echo(state.id)
+    code = execute(Store(ctx.obj["root"]), values, image, list(command))
+    if values["detach"]:
         return 0
     _exit_now(code)
     ctx.exit(code)
