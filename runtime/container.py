@@ -1,10 +1,12 @@
 """Containers: the lifecycle verbs over a store (create, run, start, stop, kill, rm, exec, ...).
 
 The order of a start, and why:
-  1. mount the image with cowfs (upper/work in the state dir). The FUSE daemon is started here,
-     before any namespace or cgroup exists, so it stays outside both.
+  1. mount the image with cowfs (upper/work in the state dir). The FUSE daemon is forked here,
+     before any namespace or cgroup exists, so it stays outside both; it mounts in the
+     background while steps 2-3 run (they do not need the mount).
   2. create the cgroups (children of our own) and write the limits.
-  3. launch: intermediate joins the cgroups, unshares the namespaces, forks PID 1.
+  3. launch: intermediate joins the cgroups, then waits until the mount is live (the mount
+     namespace it creates next copies the mount table), unshares the namespaces, forks PID 1.
   4. PID 1 mounts /proc, /dev, /sys ..., pivots onto the FUSE mount, cuts capabilities, forks
      the command and reaps.
   5. the monitor (the attached CLI, or a detached copy of it) relays output and waits; at exit
@@ -19,7 +21,7 @@ import shutil
 import signal
 import sys as _sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from cowfs.errors import AlreadyExists, ContainerError, CowfsError, InUse, Inval
 from cowfs.store import Image, Store
 from runtime import channel, init, monitor, namespaces, process, rootfs
 from runtime.cgroups import Cgroup
-from runtime.mounter import CowfsMounter, Mounter, is_mounted
+from runtime.mounter import CowfsMounter, Mounter, is_mounted, start_mount
 from runtime.spec import ContainerSpec, RunOptions, build, merge_env, parse_env
 from runtime.state import State, StateDir, Status
 from runtime.syscalls import Syscalls
@@ -184,15 +186,16 @@ class Runtime:
         spec = state.spec
         cgroup: Cgroup | None = None
         _phase("supervise")
+        wait_mount: Callable[[], Any] | None = None
         try:
             if not state.can_start():
                 raise ContainerError(f"container {state.name} is already running")
             if not is_mounted(sd.rootfs):
-                daemon = self.mounter.mount(self.store, state.image_id, str(sd.rootfs),
-                                            upper=str(sd.upper), work=str(sd.work))  # fmt: skip
-                state.daemon_pid = daemon if isinstance(daemon, int) else 0
-            state.mounted = True
-            _phase("mounted")
+                # The daemon mounts while we set up; the intermediate awaits it (gate) right
+                # before it creates the namespaces, so its cgroup join overlaps it too.
+                wait_mount = start_mount(self.mounter, self.store, state.image_id,
+                                         str(sd.rootfs), upper=str(sd.upper),
+                                         work=str(sd.work))  # fmt: skip
             for name, text in rootfs.etc_files(spec.hostname, spec.network).items():
                 (sd.etc / name).write_text(text)
             cgroup = Cgroup.for_container(state.id)
@@ -200,9 +203,21 @@ class Runtime:
             state.cgroups = {k: list(v) for k, v in cgroup.dirs.items()}
             sd.save(state)
             _phase("cgroups")
-            pid, chan, master, streams = self._launch(sd, spec, cgroup, attached)
+
+            def mounted() -> None:
+                nonlocal wait_mount
+                if wait_mount is not None:
+                    daemon, wait_mount = wait_mount(), None
+                    state.daemon_pid = daemon if isinstance(daemon, int) else 0
+                state.mounted = True
+                _phase("mounted")
+
+            pid, chan, master, streams = self._launch(sd, spec, cgroup, attached, mounted)
             _phase("started")
         except BaseException as exc:
+            if wait_mount is not None:  # let it finish, so that the teardown unmounts it
+                with contextlib.suppress(CowfsError):
+                    wait_mount()
             if not (isinstance(exc, ContainerError) and state.status == Status.RUNNING):
                 self._teardown(sd, state, cgroup)
                 if state.auto_remove:
@@ -244,9 +259,11 @@ class Runtime:
         _phase("done")
         return code
 
-    def _launch(self, sd: StateDir, spec: ContainerSpec, cgroup: Cgroup, attached: bool
+    def _launch(self, sd: StateDir, spec: ContainerSpec, cgroup: Cgroup, attached: bool,
+                gate: Callable[[], object],
                 ) -> tuple[int, Any, int | None, dict[int, str]]:  # fmt: skip
-        """Fork the container's PID 1; (pid, channel, pty master, output fds -> stream)."""
+        """Fork the container's PID 1 once `gate()` (the root is mounted) has returned;
+        (pid, channel, pty master, output fds -> stream)."""
         close_after: list[int] = []
         streams: dict[int, str] = {}
         if spec.tty:
@@ -272,6 +289,7 @@ class Runtime:
                 namespaces_=namespaces.for_network(spec.network),
                 cgroup=cgroup,
                 stdio=stdio,
+                gate=gate,
             )
         finally:
             for fd in close_after:

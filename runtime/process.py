@@ -1,19 +1,25 @@
 """Starting a process inside (new or existing) namespaces and cgroups.
 
     runtime (subreaper) ── fork ─> intermediate: setsid, stdio, join cgroup,
+                                   [waits for "go": the runtime's `gate`]
                                    unshare (run) or setns (exec) ── fork ─> target
                                    sends the target's host pid, exits
 
 The pid namespace only applies to children of the process that unshared it, hence the
 intermediate. It exits at once; the runtime is a child subreaper, so the target is re-parented
 to it and the runtime waits on it directly. The cgroup is joined before the fork so the target
-never runs a moment outside its limits.
+never runs a moment outside its limits. Joining a fresh v1 cgroup can take 10-20 ms (the
+kernel waits for an RCU grace period), so `gate` lets the caller overlap it with its own work:
+the intermediate joins, then waits for the gate to open before it creates the namespaces (the
+mount namespace copies the mount table then, so the container's root must be mounted by then).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import signal
 import socket
 from collections.abc import Callable
 from typing import NoReturn
@@ -59,8 +65,11 @@ def launch(
     join_pid: int | None = None,
     cgroup: Cgroup | None = None,
     stdio: tuple[int, int, int] = (0, 1, 2),
+    gate: Callable[[], object] | None = None,
 ) -> tuple[int, socket.socket]:
-    """Start `target(chan)` in the namespaces; returns its host pid and our end of the channel."""
+    """Start `target(chan)` in the namespaces; returns its host pid and our end of the channel.
+    `gate()` runs here while the intermediate joins the cgroup; namespaces come after it
+    returns. If it raises, the intermediate is killed and the exception passes on."""
     ours, theirs = channel.pair()
     sys.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
     # Objects inherited by the child stay out of its garbage collector: a collection would
@@ -77,6 +86,10 @@ def launch(
             _close_other_fds({theirs.fileno()})
             if cgroup is not None:
                 cgroup.join(os.getpid())
+            if gate is not None:
+                go, _ = channel.recv(theirs, eof_ok=True)
+                if not go:
+                    os._exit(125)  # the runtime gave up (its error is its own to report)
             if join_pid is None:
                 namespaces.unshare_all(sys, namespaces_)
             else:
@@ -92,6 +105,16 @@ def launch(
             finally:
                 os._exit(125)
     theirs.close()
+    if gate is not None:
+        try:
+            gate()
+            channel.send(ours, {"go": True})
+        except BaseException:
+            ours.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
     try:
         msg, _ = channel.recv(ours)
         assert msg is not None

@@ -33,3 +33,47 @@ def test_error_is_one_line_and_nonzero() -> None:
 def test_error_family() -> None:
     assert issubclass(NotFound, CowfsError)
     assert NotFound("x").errno == 2
+
+
+# -- the quick `run` path (no click) ----------------------------------------------------------
+
+
+def test_quick_run_parser_reads_what_click_reads() -> None:
+    from cowfs.cli.runcmd import parse
+
+    root, v, image, command = parse(["--root", "/r", "run", "--rm", "-it", "-e", "A=1", "-eB=2",
+                                     "--network=host", "--pids-limit", "5", "--cpus", "0.5",
+                                     "-w/w", "img", "sh", "-c", "x --rm"])  # fmt: skip
+    assert (root, image, command) == ("/r", "img", ["sh", "-c", "x --rm"])
+    assert v["auto_remove"] and v["interactive"] and v["tty"] and not v["detach"]
+    assert v["env"] == ["A=1", "B=2"] and v["network"] == "host" and v["workdir"] == "/w"
+    assert v["pids_limit"] == 5 and v["cpus"] == 0.5 and v["name"] is None
+    _, v, image, command = parse(["run", "img", "--rm"])  # after IMAGE: the command's
+    assert (image, command, v["auto_remove"], v["network"]) == ("img", ["--rm"], False, "none")
+
+
+def test_quick_run_parser_leaves_anything_doubtful_to_click() -> None:
+    from cowfs.cli.runcmd import parse
+
+    for args in (["run", "--help", "img"], ["run", "-h"], ["run", "--", "img"], ["run"],
+                 ["run", "--network", "bad", "img"], ["run", "--pids-limit", "x", "img"],
+                 ["run", "--rm=1", "img"], ["run", "-e"], ["run", "--name", "-x", "img"],
+                 ["run", "--bogus", "img"], ["-x", "run", "img"], ["--root"], ["ps"],
+                 ["--root", "-x", "run", "img"], ["run", "--rm"]):  # fmt: skip
+        assert parse(args) is None, args
+
+
+def test_quick_run_table_is_the_click_command() -> None:
+    from cowfs.cli.container import run
+    from cowfs.cli.runcmd import RUN_OPTIONS
+
+    options = [p for p in run.params if p.param_type_name == "option"]
+    assert [tuple(p.opts) for p in options] == [o.names for o in RUN_OPTIONS]
+    assert [p.name for p in options] == [o.dest for o in RUN_OPTIONS]
+
+
+def test_run_path_modules_do_not_load_click() -> None:
+    code = ("import sys, cowfs.cli, cowfs.cli.runcmd, runtime.container\n"
+            "print('click' in sys.modules)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert out == "False\n"

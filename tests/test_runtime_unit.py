@@ -370,6 +370,40 @@ def test_launch_reports_a_failed_unshare_and_leaves_no_child() -> None:
     assert process is not None and rec.calls == []
 
 
+def _launch_in_child(gate: str, unshare_fails: bool) -> str:
+    code = (
+        "import os\n"
+        "from runtime import process, namespaces\n"
+        "from runtime.syscalls import RecordingSyscalls\n"
+        f"rec = RecordingSyscalls(fail_on={{'unshare': lambda f: {unshare_fails}}})\n"
+        f"def gate():\n    print('gate', flush=True)\n    {gate}\n"
+        "try:\n"
+        "    process.launch(rec, lambda ch: os._exit(0), gate=gate,\n"
+        "                   namespaces_=namespaces.for_network('none'))\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+        "try:\n"
+        "    os.waitpid(-1, os.WNOHANG); print('child left')\n"
+        "except ChildProcessError:\n"
+        "    print('no child')\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=60).stdout  # fmt: skip
+
+
+def test_launch_gate_opens_before_the_namespaces_are_made() -> None:
+    # unshare fails: its error proves the intermediate went on past the gate, after it ran
+    out = _launch_in_child("pass", unshare_fails=True)
+    assert out.startswith("gate\n")
+    assert "ContainerError cannot start container process: [Errno 1] unshare" in out
+    assert out.strip().endswith("no child")
+
+
+def test_launch_gate_failure_passes_on_and_leaves_no_child() -> None:
+    out = _launch_in_child("raise RuntimeError('the mount failed')", unshare_fails=False)
+    assert out.splitlines() == ["gate", "RuntimeError the mount failed", "no child"]
+
+
 # -- bundle ---------------------------------------------------------------------------------------
 
 
