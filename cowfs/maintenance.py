@@ -73,6 +73,7 @@ def fsck(store: Store, progress: Callable[[int], None] | None = None) -> FsckRep
     """Check the whole store; `progress` is called once per object checked."""
     report = FsckReport()
     bad_objects: dict[str, Problem] = {}
+    store.objects.refresh()
     for digest in store.objects:
         report.objects += 1
         try:
@@ -81,6 +82,10 @@ def fsck(store: Store, progress: Callable[[int], None] | None = None) -> FsckRep
             bad_objects[digest] = Problem(f"object {digest}", exc.message)
         if progress is not None:
             progress(1)
+
+    for name, why in sorted(store.objects.damaged_packs.items()):
+        # Its objects cannot be found: the layers naming them are reported as missing objects.
+        report.problems.append(Problem(f"pack {name}", why))
 
     tocs: dict[str, Toc] = {}
     bad_layers: dict[str, Problem] = {}
@@ -161,12 +166,16 @@ class GcReport:
     tmp_entries: int = 0
     cache_entries: int = 0  # merged indexes of images that are gone (or of an old format)
     kept_young: int = 0  # unreferenced but younger than the grace period
+    # Unreferenced objects left in packs that are mostly live (see REPACK_GARBAGE).
+    kept_in_packs: int = 0
+    packs_rewritten: int = 0  # packs rewritten without their garbage, or removed if all of it
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"layers": self.layers, "objects": self.objects, "bytes_freed": self.bytes_freed,
                 "tmp_entries": self.tmp_entries, "cache_entries": self.cache_entries,
-                "kept_young": self.kept_young,
+                "kept_young": self.kept_young, "kept_in_packs": self.kept_in_packs,
+                "packs_rewritten": self.packs_rewritten,
                 "dry_run": self.dry_run}  # fmt: skip
 
 
@@ -222,17 +231,21 @@ def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE) -> 
     keep_objects: set[str] = set()
     for layer_id in live_layers:
         keep_objects |= store.load_toc(layer_id).digests()
-    for digest in store.objects:
+    objects = store.objects
+    objects.refresh()
+    for digest in objects.loose():
         if digest in keep_objects:
             continue
-        path = store.objects.path(digest)
+        path = objects.path(digest)
         if _age(path, now) < grace:
             report.kept_young += 1
             continue
         report.objects += 1
         report.bytes_freed += path.stat().st_size
         if not dry_run:
-            store.objects.remove(digest)
+            path.unlink(missing_ok=True)
+    for name, digests in objects.packs().items():
+        _gc_pack(objects, name, digests, keep_objects, report, now, grace)
 
     images = set(store.image_ids())
     for entry in store.cache_dir.iterdir():
@@ -254,6 +267,33 @@ def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE) -> 
             else:
                 entry.unlink(missing_ok=True)
     return report
+
+
+# A pack is rewritten (its live objects copied to a new pack, the old one removed) once at least
+# this fraction of its bytes is garbage; below that its dead objects stay: rewriting a mostly
+# live pack to save a little would cost a copy of all of it.
+REPACK_GARBAGE = 0.5
+
+
+def _gc_pack(objects, name: str, digests: list[str], keep: set[str], report: GcReport,
+             now: float, grace: float) -> None:  # fmt: skip
+    dead = [d for d in digests if d not in keep]
+    if not dead:
+        return
+    path = objects.pack_path(name)
+    if _age(path, now) < grace:  # written by an import that may not have published its layer
+        report.kept_young += len(dead)
+        return
+    dead_bytes = sum(objects.stored_size(d) for d in dead)
+    if len(dead) < len(digests) and dead_bytes < REPACK_GARBAGE * path.stat().st_size:
+        report.kept_in_packs += len(dead)
+        return
+    report.objects += len(dead)
+    report.packs_rewritten += 1
+    if report.dry_run:
+        report.bytes_freed += dead_bytes
+    else:
+        report.bytes_freed += objects.rewrite_pack(name, lambda d: d in keep)[1]
 
 
 # -- usage -----------------------------------------------------------------------------------

@@ -25,14 +25,16 @@ import os
 import re
 import struct
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import xxhash
 import zstandard
 
+from cowfs.atomic import fsync_dir
 from cowfs.errors import Corruption, NotFound
 
 FRAME_SIZE = 128 * 1024
@@ -85,27 +87,36 @@ class FrameCache:
 
 
 class ObjectReader:
-    """Random access to one stored object. pread() is safe to call from several threads."""
+    """Random access to one stored object. pread() is safe to call from several threads.
 
-    __slots__ = ("digest", "size", "_fd", "_raw", "_starts", "_offsets", "_csizes", "_checks",
-                 "_cache")  # fmt: skip
+    A loose object is read through its own file descriptor; a packed one (small by definition)
+    is read whole when it is opened, with one pread of its pack: a reader then holds no fd, and
+    the frames are sliced from memory (and still verified)."""
 
-    def __init__(self, digest: str, fd: int, cache: FrameCache) -> None:
+    __slots__ = ("digest", "size", "_fd", "_blob", "_raw", "_starts", "_offsets", "_csizes",
+                 "_checks", "_cache")  # fmt: skip
+
+    def __init__(self, digest: str, fd: int, cache: FrameCache, blob: bytes | None = None) -> None:
         self.digest = digest
         self._fd = fd
+        self._blob = blob
         self._cache = cache
         try:
             self._read_index()
         except BaseException:
-            os.close(fd)
+            self.close()
             raise
 
+    def _pread(self, n: int, offset: int) -> bytes:
+        if self._blob is not None:
+            return self._blob[offset : offset + n]
+        return os.pread(self._fd, n, offset)
+
     def _read_index(self) -> None:
-        fd = self._fd
-        file_size = os.fstat(fd).st_size
+        file_size = len(self._blob) if self._blob is not None else os.fstat(self._fd).st_size
         if file_size < _SEEK_FOOTER.size:
             raise Corruption(f"object {self.digest}: too short")
-        tail = os.pread(fd, max(_SEEK_FOOTER.size, _RAW_FOOTER.size), max(0, file_size - 20))
+        tail = self._pread(max(_SEEK_FOOTER.size, _RAW_FOOTER.size), max(0, file_size - 20))
         if tail.endswith(_RAW_MAGIC):
             self._read_raw_index(file_size, tail)
             return
@@ -116,8 +127,8 @@ class ObjectReader:
         table_off = file_size - _SEEK_FOOTER.size - table_len
         if table_off < 8:
             raise Corruption(f"object {self.digest}: seek table out of range")
-        table = os.pread(fd, table_len, table_off)
-        skip_magic, skip_len = struct.unpack("<II", os.pread(fd, 8, table_off - 8))
+        table = self._pread(table_len, table_off)
+        skip_magic, skip_len = struct.unpack("<II", self._pread(8, table_off - 8))
         if skip_magic != _SKIPPABLE_MAGIC or skip_len != table_len + _SEEK_FOOTER.size:
             raise Corruption(f"object {self.digest}: seek table header damaged")
         starts, offsets, csizes, checks = [], [], [], []
@@ -143,7 +154,7 @@ class ObjectReader:
         table_len = nframes * 4
         if size + table_len + _RAW_FOOTER.size != file_size:
             raise Corruption(f"object {self.digest}: raw trailer does not match the file size")
-        table = os.pread(self._fd, table_len, size)
+        table = self._pread(table_len, size)
         self._raw = True
         self._checks = [c for (c,) in struct.iter_unpack("<I", table)]
         self._starts = list(range(0, size, frame))
@@ -156,7 +167,7 @@ class ObjectReader:
         data = self._cache.get(key)
         if data is not None:
             return data
-        blob = os.pread(self._fd, self._csizes[i], self._offsets[i])
+        blob = self._pread(self._csizes[i], self._offsets[i])
         if len(blob) != self._csizes[i]:
             raise Corruption(f"object {self.digest}: frame {i} truncated")
         if self._raw:
@@ -201,6 +212,12 @@ class ObjectReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def uncached(self) -> ObjectReader:
+        """A second reader of the same bytes that bypasses the frame cache (for verification)."""
+        if self._blob is not None:
+            return ObjectReader(self.digest, -1, FrameCache(0), self._blob)
+        return ObjectReader(self.digest, os.dup(self._fd), FrameCache(0))
 
     def __enter__(self) -> ObjectReader:
         return self
@@ -269,17 +286,26 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 class ObjectStore:
-    """Objects under `root`/objects, staged in `tmp`, read through a shared frame cache."""
+    """Objects under `root` (loose files and packs/), staged in `tmp`, read through a shared
+    frame cache."""
 
     def __init__(self, root: str | os.PathLike, tmp: str | os.PathLike | None = None) -> None:
         self.root = Path(root)
         self.tmp = Path(tmp) if tmp is not None else self.root.parent / "tmp"
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.packs_dir = self.root / PACK_DIR
         self.cache = FrameCache()
         # Plain strings on the write path: pathlib costs more than the syscalls for small objects.
         self._root_s = f"{self.root}/"
         self._tmp_s = f"{self.tmp}/"
+        # The packs' indexes, merged: digest (16 bytes) -> (pack name, offset, length). Loaded on
+        # first use, so that a store opened for something else never reads them.
+        self._loc: dict[bytes, tuple[str, int, int]] | None = None
+        self._pack_fds: dict[str, int] = {}  # open for the store's life (readers share them)
+        self._pack_digests: dict[str, list[bytes]] = {}
+        self.damaged_packs: dict[str, str] = {}  # name -> why its index could not be read
+        self._index_lock = threading.RLock()
 
     def path(self, digest: str) -> Path:
         if not _HEX32.fullmatch(digest):
@@ -292,7 +318,123 @@ class ObjectStore:
     def has(self, digest: str) -> bool:
         if not _HEX32.fullmatch(digest):
             raise NotFound(f"not an object digest: {digest!r}")
-        return os.path.exists(self._path_s(digest))
+        return self._packed(digest) is not None or os.path.exists(self._path_s(digest))
+
+    # -- packs -----------------------------------------------------------------------------
+
+    def _index(self) -> dict[bytes, tuple[str, int, int]]:
+        loc = self._loc
+        if loc is None:
+            with self._index_lock:
+                if self._loc is None:
+                    self._loc = {}
+                    self._load_packs()
+                loc = self._loc
+        return loc
+
+    def _packed(self, digest: str) -> tuple[str, int, int] | None:
+        return self._index().get(bytes.fromhex(digest))
+
+    def _load_packs(self) -> None:
+        """Load the index of every pack not loaded yet; forget packs that are gone."""
+        try:
+            names = {n[: -len(PACK_SUFFIX)] for n in os.listdir(self.packs_dir)
+                     if n.endswith(PACK_SUFFIX)}  # fmt: skip
+        except FileNotFoundError:
+            names = set()
+        assert self._loc is not None
+        gone = [n for n in self._pack_digests if n not in names]
+        if gone:  # rare (gc repacked): rebuild, keeping the fds (a reader may be using one)
+            self._loc = {}
+            self._pack_digests = {}
+        for name in sorted(names):
+            if name in self._pack_digests or name in self.damaged_packs:
+                continue
+            try:
+                fd = self._pack_fd(name)
+                entries = read_pack_index(fd, name)
+            except FileNotFoundError:
+                continue
+            except Corruption as exc:
+                self.damaged_packs[name] = exc.message
+                continue
+            self._add_pack(name, entries)
+
+    def _add_pack(self, name: str, entries: list[tuple[bytes, int, int]]) -> None:
+        loc = self._index()
+        with self._index_lock:
+            for key, off, length in entries:
+                loc.setdefault(key, (name, off, length))
+            self._pack_digests[name] = [k for k, _, _ in entries]
+
+    def _pack_fd(self, name: str) -> int:
+        fd = self._pack_fds.get(name)
+        if fd is None:
+            with self._index_lock:
+                fd = self._pack_fds.get(name)
+                if fd is None:
+                    fd = os.open(self.packs_dir / (name + PACK_SUFFIX), os.O_RDONLY | os.O_CLOEXEC)
+                    self._pack_fds[name] = fd
+        return fd
+
+    def refresh(self) -> None:
+        """See packs published (or removed) by other processes since the index was loaded."""
+        with self._index_lock:
+            if self._loc is None:
+                self._index()
+            else:
+                self._load_packs()
+
+    def packs(self) -> dict[str, list[str]]:
+        """Every readable pack: name -> the digests it holds, in pack order."""
+        self._index()
+        return {n: [k.hex() for k in keys] for n, keys in sorted(self._pack_digests.items())}
+
+    def pack_path(self, name: str) -> Path:
+        return self.packs_dir / (name + PACK_SUFFIX)
+
+    def location(self, digest: str) -> tuple[Path, int, int]:
+        """(file, offset, length) of the object's stored bytes: a loose file or a span of a pack."""
+        loc = self._packed(digest)
+        if loc is not None:
+            return self.pack_path(loc[0]), loc[1], loc[2]
+        path = self.path(digest)
+        try:
+            return path, 0, path.stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"object {digest} is missing") from None
+
+    def pack_writer(self) -> PackWriter:
+        return PackWriter(self)
+
+    def rewrite_pack(self, name: str, keep: Callable[[str], bool]) -> tuple[int, int]:
+        """Replace pack `name` by a new pack of the objects `keep` accepts (none: no new pack);
+        the old pack goes once the new one is durable. Returns (objects dropped, bytes freed)."""
+        digests = self.packs().get(name)
+        if digests is None:
+            raise NotFound(f"pack {name} not found")
+        old_size = self.pack_path(name).stat().st_size
+        index = self._index()
+        # A digest the merged index places elsewhere has another copy that serves it.
+        kept = [d for d in digests if keep(d) and index[bytes.fromhex(d)][0] == name]
+        writer = self.pack_writer()
+        try:
+            fd = self._pack_fd(name)
+            for digest in kept:
+                _, off, length = index[bytes.fromhex(digest)]
+                writer.append([(digest, os.pread(fd, length, off))])
+            new = writer.publish()
+        except BaseException:
+            writer.discard()
+            raise
+        new_size = sum(self.pack_path(n).stat().st_size for n in new)
+        os.unlink(self.pack_path(name))
+        fsync_dir(self.packs_dir)
+        with self._index_lock:
+            # Not while other threads read this store: gc's own process only.
+            os.close(self._pack_fds.pop(name))
+            self._load_packs()
+        return len(digests) - len(kept), old_size - new_size
 
     def put_bytes(self, data: bytes, digest: str | None = None) -> str:
         """Store `data`; returns its digest. Idempotent; safe from several threads."""
@@ -308,6 +450,12 @@ class ObjectStore:
         todo = [(d, g, p) for d, g in items if not os.path.exists(p := self._path_s(g))]
         blobs = encode_many([d for d, _, _ in todo])
         for (_, digest, path), blob in zip(todo, blobs, strict=True):
+            self._write_object(digest, path, blob)
+
+    def write_loose(self, digest: str, blob: bytes) -> None:
+        """Store an encoded object as a file of its own (unless it is there already)."""
+        path = self._path_s(digest)
+        if not os.path.exists(path):
             self._write_object(digest, path, blob)
 
     def _write_object(self, digest: str, path: str, blob: bytes) -> None:
@@ -421,11 +569,31 @@ class ObjectStore:
             os.close(fd)
 
     def open(self, digest: str) -> ObjectReader:
-        try:
-            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"object {digest} is missing") from None
-        return ObjectReader(digest, fd, self.cache)
+        if not _HEX32.fullmatch(digest):
+            raise NotFound(f"not an object digest: {digest!r}")
+        for attempt in (0, 1):
+            loc = self._packed(digest)
+            if loc is not None:
+                try:
+                    return self._open_packed(digest, *loc)
+                except FileNotFoundError:
+                    pass  # its pack was repacked away: the refreshed index knows where it went
+            else:
+                try:
+                    fd = os.open(self._path_s(digest), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    pass
+                else:
+                    return ObjectReader(digest, fd, self.cache)
+            if attempt == 0:
+                self.refresh()  # published by another process since the index was loaded?
+        raise NotFound(f"object {digest} is missing")
+
+    def _open_packed(self, digest: str, name: str, off: int, length: int) -> ObjectReader:
+        blob = os.pread(self._pack_fd(name), length, off)
+        if len(blob) != length:
+            raise Corruption(f"object {digest}: pack {name} is truncated")
+        return ObjectReader(digest, -1, self.cache, blob)
 
     def read(self, digest: str) -> bytes:
         with self.open(digest) as r:
@@ -434,25 +602,31 @@ class ObjectStore:
     def verify(self, digest: str) -> None:
         """Check every frame and the content hash; raises Corruption or NotFound."""
         hasher = xxhash.xxh3_128()
-        with self.open(digest) as r:
-            uncached = ObjectReader(digest, os.dup(r._fd), FrameCache(0))
-            with uncached:
-                for i in range(len(uncached._starts)):
-                    hasher.update(uncached._frame(i))
+        with self.open(digest) as r, r.uncached() as uncached:
+            for i in range(len(uncached._starts)):
+                hasher.update(uncached._frame(i))
         if hasher.hexdigest() != digest:
             raise Corruption(f"object {digest}: content does not hash to its name")
 
     def stored_size(self, digest: str) -> int:
+        """Bytes the object takes (its file, or its span of a pack)."""
+        loc = self._packed(digest)
+        if loc is not None:
+            return loc[2]
         return self.path(digest).stat().st_size
 
     def remove(self, digest: str) -> None:
+        """Remove a loose object; a packed one goes with a rewrite of its pack."""
         try:
             self.path(digest).unlink()
         except FileNotFoundError:
             pass
+        loc = self._packed(digest)
+        if loc is not None:
+            self.rewrite_pack(loc[0], lambda d: d != digest)
 
-    def __iter__(self) -> Iterator[str]:
-        """Every stored digest."""
+    def loose(self) -> Iterator[str]:
+        """Every digest stored as a file of its own."""
         if not self.root.exists():
             return
         for sub in sorted(os.listdir(self.root)):
@@ -461,3 +635,151 @@ class ObjectStore:
             for name in sorted(os.listdir(self.root / sub)):
                 if len(name) == 30:
                     yield sub + name
+
+    def __iter__(self) -> Iterator[str]:
+        """Every stored digest, once: loose ones, then packed ones in pack order."""
+        seen = set()
+        for digest in self.loose():
+            seen.add(digest)
+            yield digest
+        for digests in self.packs().values():
+            for digest in digests:
+                if digest not in seen:
+                    seen.add(digest)
+                    yield digest
+
+
+# -- packs -----------------------------------------------------------------------------------
+#
+# A pack holds many small objects back to back, each in exactly the bytes a loose object file
+# would hold (seekable zstd or raw, with its frame checksums), in the order they were written:
+# an import writes them in tar order, roughly directory by directory, so a cold read of a
+# directory's files reads a few large extents instead of one random block per file.
+#
+#   <object>* <index> <footer>
+#   index:  count x (digest: 16 bytes, offset: u64, length: u32), in pack order
+#   footer: index offset u64, count u32, xxh64 of the index u64, magic "COWPACK1"
+#
+# A pack is written whole under tmp/, made durable and renamed into objects/packs/: it is
+# visible complete or not at all, and its index travels with it (there is no index file that
+# could disagree with its pack).
+
+PACK_DIR = "packs"
+PACK_SUFFIX = ".pack"
+# Objects whose stored form is at most this large go to packs; larger ones are files of their
+# own (a read of them is a large extent already, and gc can drop them one by one).
+PACK_MAX_OBJECT = 256 * 1024
+PACK_TARGET = 64 << 20  # a pack is closed once it holds this much: gc rewrites whole packs
+_PACK_ENTRY = struct.Struct("<16sQI")
+_PACK_FOOTER = struct.Struct("<QIQ8s")
+_PACK_MAGIC = b"COWPACK1"
+
+
+def read_pack_index(fd: int, name: str) -> list[tuple[bytes, int, int]]:
+    """The (digest, offset, length) entries of an open pack; Corruption if they do not add up."""
+    size = os.fstat(fd).st_size
+    if size < _PACK_FOOTER.size:
+        raise Corruption(f"pack {name}: too short for a footer")
+    index_off, count, check, magic = _PACK_FOOTER.unpack(
+        os.pread(fd, _PACK_FOOTER.size, size - _PACK_FOOTER.size))
+    index_len = count * _PACK_ENTRY.size
+    if magic != _PACK_MAGIC or index_off + index_len + _PACK_FOOTER.size != size:
+        raise Corruption(f"pack {name}: footer damaged")
+    index = os.pread(fd, index_len, index_off)
+    if len(index) != index_len or xxhash.xxh64_intdigest(index) != check:
+        raise Corruption(f"pack {name}: index checksum mismatch")
+    entries = list(_PACK_ENTRY.iter_unpack(index))
+    for _, off, length in entries:
+        if off + length > index_off:
+            raise Corruption(f"pack {name}: index points past the objects")
+    return entries
+
+
+class PackWriter:
+    """Appends objects to new packs, staged under tmp/; publish() makes them visible.
+
+    append() may be called from several threads; the objects land in the order of the calls.
+    Nothing is visible before publish(): a crash leaves only staging files in tmp/ (gc's)."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._tmp = ""
+        self._size = 0
+        self._entries: list[tuple[bytes, int, int]] = []
+        self._sealed: list[str] = []  # complete packs in tmp/, not yet published
+
+    def append(self, items: list[tuple[str, bytes]]) -> None:
+        """Add (digest, stored form) pairs, as encode() makes them."""
+        if not items:
+            return
+        with self._lock:
+            if self._fd < 0:
+                self._tmp = f"{self.objects._tmp_s}pack.{os.getpid()}.{os.urandom(8).hex()}"
+                self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                   0o444)  # fmt: skip
+                self._size = 0
+                self._entries = []
+            off = self._size
+            for digest, blob in items:
+                self._entries.append((bytes.fromhex(digest), off, len(blob)))
+                off += len(blob)
+            _write_all(self._fd, b"".join(blob for _, blob in items))
+            self._size = off
+            if self._size >= PACK_TARGET:
+                self._seal()
+
+    def _seal(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            index = b"".join(_PACK_ENTRY.pack(*e) for e in self._entries)
+            footer = _PACK_FOOTER.pack(self._size, len(self._entries),
+                                       xxhash.xxh64_intdigest(index), _PACK_MAGIC)  # fmt: skip
+            _write_all(self._fd, index + footer)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        self._sealed.append(self._tmp)
+
+    def publish(self) -> list[str]:
+        """Make every object appended so far durable and visible; returns the new packs' names.
+        Loose objects written before are made durable by the same syncfs."""
+        with self._lock:
+            self._seal()
+            sealed, self._sealed = self._sealed, []
+        self.objects.sync()  # the packs' bytes are on disk before their names appear
+        if not sealed:
+            return []
+        self.objects.packs_dir.mkdir(exist_ok=True)
+        names = []
+        for tmp in sealed:
+            name = f"{time.time_ns():x}-{os.urandom(6).hex()}"
+            os.rename(tmp, self.objects.pack_path(name))
+            names.append(name)
+        fsync_dir(self.objects.packs_dir)
+        for name in names:
+            fd = self.objects._pack_fd(name)
+            self.objects._add_pack(name, read_pack_index(fd, name))
+        return names
+
+    def discard(self) -> None:
+        """Forget everything not published (an import that failed or was not needed)."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+                self._sealed.append(self._tmp)
+            sealed, self._sealed = self._sealed, []
+        for tmp in sealed:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cowfs.atomic import fsync_dir, write_atomic, write_json_atomic
 from cowfs.errors import InvalidInput, NotFound
-from cowfs.objects import ObjectStore, digest_bytes
+from cowfs.objects import PACK_MAX_OBJECT, ObjectStore, digest_bytes, encode_many
 from cowfs.toc import REG, Entry, Toc
 
 if TYPE_CHECKING:  # imported where used: it loads logging, ~8 ms of every CLI start
@@ -45,10 +45,6 @@ _BATCH_FILES = 128
 _MAX_PENDING_BATCHES = 4
 # Workers overlap one batch's file writes (syscalls, no GIL) with another's compression.
 _WORKERS = 2
-
-
-def _put_all(objects: ObjectStore, batch: list[tuple[bytes, str]]) -> None:
-    objects.put_many(batch)
 
 
 def normalize_ref(ref: str) -> str:
@@ -297,12 +293,21 @@ class LayerBuilder:
         self._known: set[str] = set()  # digests queued or stored by this builder
         self._link_digests: dict[int, tuple[str, int]] = {}
         self.bytes_in = 0
+        self._packs = store.objects.pack_writer()
+        # Batches are compressed in parallel but appended to the pack in the order they were
+        # queued: the pack then holds files in tar order (see objects.py, packs).
+        self._turn = threading.Condition()
+        self._next_seq = 0
+        self._seq = 0
 
     def __enter__(self) -> LayerBuilder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._drain()
+        try:
+            self._drain()
+        finally:
+            self._packs.discard()  # what commit() did not publish (nothing, after a commit)
 
     def add(self, entry: Entry, data: bytes | BinaryIO | str | os.PathLike | None = None) -> Entry:
         """Add an entry; for a regular file, `data` is its content (bytes, a binary stream
@@ -363,9 +368,33 @@ class LayerBuilder:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=_WORKERS)
-        self._pending.append(self._pool.submit(_put_all, self.store.objects, batch))
+        seq, self._seq = self._seq, self._seq + 1
+        self._pending.append(self._pool.submit(self._store_batch, seq, batch))
         while len(self._pending) > _MAX_PENDING_BATCHES:  # bound the memory held by queued files
             self._pending.pop(0).result()
+
+    def _store_batch(self, seq: int, batch: list[tuple[bytes, str]]) -> None:
+        """Compress a batch; small objects go to the pack (in queue order), large ones are
+        files of their own."""
+        packed: list[tuple[str, bytes]] = []
+        try:
+            objects = self.store.objects
+            todo = [(d, g) for d, g in batch if not objects.has(g)]
+            blobs = encode_many([d for d, _ in todo])
+            for (_, digest), blob in zip(todo, blobs, strict=True):
+                if len(blob) <= PACK_MAX_OBJECT:
+                    packed.append((digest, blob))
+                else:
+                    objects.write_loose(digest, blob)
+        finally:
+            with self._turn:
+                while self._next_seq != seq:
+                    self._turn.wait()
+                try:
+                    self._packs.append(packed)
+                finally:
+                    self._next_seq += 1
+                    self._turn.notify_all()
 
     def _drain(self) -> None:
         try:
@@ -387,10 +416,12 @@ class LayerBuilder:
         blob, layer_id = self.toc.dumps()
         final = store.layer_dir(layer_id)
         if (final / "toc").exists():
+            self._packs.discard()  # its objects are stored already
             if diff_id or blobs:
                 store.update_layer_meta(layer_id, diff_id=diff_id, blobs=blobs)
             return layer_id
-        store.objects.sync()  # every object the TOC names is durable before the TOC appears
+        # Every object the TOC names is durable and visible before the TOC appears.
+        self._packs.publish()
         stage = store.mkdtemp("layer")
         try:
             meta = LayerMeta(layer_id, diff_id, dict(blobs or {}), self.toc.content_size(),

@@ -71,10 +71,12 @@ def digest_of(store: Store, ref: str, rel: str) -> str:
     raise AssertionError(f"{rel} not in {ref}")
 
 
-def flip(path: Path, offset: int, count: int = 1) -> None:
-    """XOR `count` bytes at `offset` (negative: from the end) of a stored file."""
+def flip(path: Path, offset: int, count: int = 1, span: tuple[int, int] | None = None) -> None:
+    """XOR `count` bytes at `offset` (negative: from the end) of a stored file, or of the span
+    (start, length) of it that holds an object (a pack holds many)."""
     data = bytearray(path.read_bytes())
-    start = offset if offset >= 0 else len(data) + offset
+    base, length = span if span is not None else (0, len(data))
+    start = base + (offset if offset >= 0 else length + offset)
     for i in range(start, start + count):
         data[i] ^= 0xA5
     os.chmod(path, 0o644)
@@ -127,7 +129,8 @@ def test_damaged_object_gives_eio_and_fsck_names_it(tmp_path: Path, image, where
     store, content = image
     digest = digest_of(store, "victim:1", rel)
     frames = -(-len(content[rel]) // FRAME_SIZE)
-    flip(store.objects.path(digest), offset(frames))
+    path, base, length = store.objects.location(digest)  # a loose file or a span of a pack
+    flip(path, offset(frames), span=(base, length))
 
     with cowfs_mounted(store, "victim:1", tmp_path / "m") as (mnt, pid):
         assert_eio_never_wrong(mnt / rel, content[rel])
@@ -157,8 +160,8 @@ def test_damage_while_mounted_never_serves_wrong_bytes(tmp_path: Path, image) ->
     with cowfs_mounted(store, "victim:1", tmp_path / "m") as (mnt, _pid):
         assert (mnt / "keep/other.txt").read_bytes() == content["keep/other.txt"]
         for rel in ("data/text.txt", "data/raw.bin"):
-            obj = store.objects.path(digest_of(store, "victim:1", rel))
-            flip(obj, obj.stat().st_size // 2)
+            path, base, length = store.objects.location(digest_of(store, "victim:1", rel))
+            flip(path, length // 2, span=(base, length))
             assert_eio_never_wrong(mnt / rel, content[rel])
         assert (mnt / "keep/another.bin").read_bytes() == content["keep/another.bin"]
 

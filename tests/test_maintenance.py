@@ -42,10 +42,12 @@ def digest_of(store: Store, ref: str, path: str) -> str:
     raise KeyError(path)
 
 
-def damage(path: Path) -> None:
+def damage(path: Path, start: int = 0, length: int | None = None) -> None:
+    """Flip a byte a third of the way into `path` (or into its span `start`, `length`)."""
     os.chmod(path, 0o644)
     data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0xFF
+    length = len(data) - start if length is None else length
+    data[start + length // 3] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
@@ -58,7 +60,7 @@ def test_fsck_clean(store: Store) -> None:
 
 def test_fsck_names_what_a_broken_object_breaks(store: Store) -> None:
     digest = digest_of(store, "base:1", "bin/sh")
-    damage(store.objects.path(digest))
+    damage(*store.objects.location(digest))  # a span of a pack: small objects are packed
     report = maintenance.fsck(store)
     assert not report.ok
     [problem] = report.problems
