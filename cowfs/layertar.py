@@ -46,7 +46,6 @@ import hashlib
 import io
 import os
 import tarfile
-import zlib
 from base64 import b64decode
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ import zstandard
 
 from cowfs import pathsafe
 from cowfs.blobstream import (
+    GZIP_ERRORS,
     HashingReader,
     Peekable,
     Prefetcher,
@@ -121,6 +121,9 @@ class _LayerReader:
         self.expanded = 0  # sum of regular file sizes, sparse ones at full size
         self.what = what
         self.next_link = 1
+        # Paths known to be a directory or absent in this layer, so fine as parents; a
+        # non-directory that replaces one of them empties it (see _replace).
+        self._parents_ok: set[str] = set()
 
     # The one function that knows what a tar entry means.
     def apply(self, tar: TarReader, m: TarMember) -> None:
@@ -158,6 +161,10 @@ class _LayerReader:
 
     def _check_parents(self, path: str) -> None:
         """Stage two of path safety: no parent in this layer may be a symlink or a file."""
+        parent = path.rpartition("/")[0]
+        ok = self._parents_ok
+        if parent in ok:  # most entries share their parent with the one before
+            return
         entries = self.toc.entries
         for p in parents(path):
             e = entries.get(p)
@@ -166,6 +173,8 @@ class _LayerReader:
             if e.kind == SYMLINK:
                 raise UnsafePath(f"parent {p!r} is a symlink (writing through it could escape)")
             raise InvalidInput(f"parent {p!r} is not a directory")
+        # Every ancestor goes in: replacing any of them by a non-directory must empty the set.
+        ok.update(parents(path))
 
     def _entry(self, path: str, m: TarMember) -> Entry:
         if m.isreg():  # includes contiguous files and sparse files
@@ -232,6 +241,8 @@ class _LayerReader:
     def _replace(self, path: str, kind: str) -> None:
         """Later entry wins (docker): a non-directory over a directory removes what was below."""
         entries = self.toc.entries
+        if kind != DIR and path in self._parents_ok:
+            self._parents_ok.clear()
         old = entries.get(path)
         if old is not None and old.kind == DIR and kind != DIR:
             prefix = path + "/"
@@ -429,14 +440,15 @@ def read_layer(
         if blob_size is None:
             raise InvalidInput(f"{what}: compressed blob of unknown size")
         budget = limits.budget(blob_size)
-    stream = decompressor(Peekable(head, raw), compression)  # type: ignore[arg-type]
-    if compression is not None:
-        stream = Prefetcher(stream)
-    diff = HashingReader(stream, budget, what)
+    inflated = decompressor(Peekable(head, raw), compression)  # type: ignore[arg-type]
+    diff = HashingReader(inflated, budget, what)
+    # Reading, inflating and both sha256s run on a thread (they drop the GIL): this thread
+    # only parses the tar and hands contents to the store.
+    stream = Prefetcher(diff)  # type: ignore[arg-type]
     state = _LayerReader(lb, limits.budget(blob_size or 0), what, limits.max_entries)
     where = ""
     try:
-        reader = TarReader(diff)  # type: ignore[arg-type]
+        reader = TarReader(stream)  # type: ignore[arg-type]
         members = iter(reader)
         last = None
         while True:
@@ -457,11 +469,10 @@ def read_layer(
         toc = state.finish(lower)
     except CowfsError as exc:
         raise type(exc)(f"{what}{where}: {exc.message}") from None
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+    except (OSError, EOFError, *GZIP_ERRORS, zstandard.ZstdError) as exc:
         raise InvalidInput(f"{what}{where}: damaged or truncated archive ({_why(exc)})") from None
     finally:
-        if isinstance(stream, Prefetcher):
-            stream.close()
+        stream.close()
     blob_digest = raw.digest() if compression is not None else diff.digest()
     return toc, blob_digest, diff.digest(), compression
 

@@ -38,7 +38,9 @@ from cowfs.atomic import fsync_dir
 from cowfs.errors import Corruption, NotFound
 
 FRAME_SIZE = 128 * 1024
-ZSTD_LEVEL = 3
+# Level 1: measured on the 1.2 GB Debian import bench, level 3 costs 20% more CPU for a store
+# 4% smaller (0.309x against 0.322x of the rootfs); import speed is what level 1 buys.
+ZSTD_LEVEL = 1
 # Store raw when zstd saves less than this fraction: decompressing costs more than it saves.
 MIN_SAVING = 0.1
 
@@ -624,6 +626,10 @@ class ObjectStore:
         loc = self._packed(digest)
         if loc is not None:
             self.rewrite_pack(loc[0], lambda d: d != digest)
+
+    def packed(self, digest: str) -> bool:
+        """Whether a pack holds the object (an in-memory lookup: no system call)."""
+        return self._packed(digest) is not None
 
     def loose(self) -> Iterator[str]:
         """Every digest stored as a file of its own."""

@@ -23,8 +23,15 @@ def clean(name: str) -> str:
     """The cleaned, root-relative form of an archive entry name; raises UnsafePath."""
     if "\0" in name:
         raise UnsafePath(f"{name!r}: NUL byte in name")
+    parts = name.split("/")
+    # The common case, a name already clean, is checked with C loops (an import does this once
+    # per entry): no empty, "." or ".." component, none that could exceed NAME_MAX bytes (a
+    # character is at most 4 bytes in UTF-8; surrogate escapes are 3).
+    if "" not in parts and "." not in parts and ".." not in parts and \
+            max(map(len, parts)) <= NAME_MAX // 4:  # fmt: skip
+        return name
     out: list[str] = []
-    for part in name.split("/"):
+    for part in parts:
         if part in ("", "."):
             continue
         if part == "..":

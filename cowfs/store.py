@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # imported where used: it loads logging, ~8 ms of every CLI s
     from concurrent.futures import Future, ThreadPoolExecutor
 
 # Files up to this size are read whole and compressed on a worker thread (zstd drops the GIL);
-# larger ones stream frame by frame so that memory stays bounded.
-_SMALL_FILE = 16 * 1024 * 1024
+# larger ones stream frame by frame (on the caller's thread) so that memory stays bounded.
+_SMALL_FILE = 64 * 1024 * 1024
 _BATCH_BYTES = 4 * 1024 * 1024
 _BATCH_FILES = 128
 _MAX_PENDING_BATCHES = 4
@@ -299,6 +299,7 @@ class LayerBuilder:
         self._turn = threading.Condition()
         self._next_seq = 0
         self._seq = 0
+        self._loose: set[str] = set()
 
     def __enter__(self) -> LayerBuilder:
         return self
@@ -367,6 +368,7 @@ class LayerBuilder:
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
+            self._loose = set(self.store.objects.loose())
             self._pool = ThreadPoolExecutor(max_workers=_WORKERS)
         seq, self._seq = self._seq, self._seq + 1
         self._pending.append(self._pool.submit(self._store_batch, seq, batch))
@@ -379,7 +381,10 @@ class LayerBuilder:
         packed: list[tuple[str, bytes]] = []
         try:
             objects = self.store.objects
-            todo = [(d, g) for d, g in batch if not objects.has(g)]
+            # No system call per file here (each would hand the GIL over): packs are looked up
+            # in memory, loose objects in the listing taken when the builder started storing.
+            stored = self._loose
+            todo = [(d, g) for d, g in batch if g not in stored and not objects.packed(g)]
             blobs = encode_many([d for d, _ in todo])
             for (_, digest), blob in zip(todo, blobs, strict=True):
                 if len(blob) <= PACK_MAX_OBJECT:

@@ -27,7 +27,8 @@ _POSIX_MAGIC = b"ustar\x0000"
 _GNU_MAGIC = b"ustar  \x00"
 MAX_META = 1 << 20  # bytes of a pax header, long name or sparse map: names are not megabytes
 _CHUNK = 1 << 20
-_READ_AHEAD = 64 << 10
+# As large as the chunks the import's read thread hands over: each is taken whole, uncopied.
+_READ_AHEAD = 4 << 20
 
 # Entry types (tar's typeflag byte).
 REGTYPE, AREGTYPE, CONTTYPE = b"0", b"\x00", b"7"
@@ -85,7 +86,11 @@ def _num(field: bytes) -> int:
     if first == 0xFF:
         return int.from_bytes(field, "big", signed=True)
     try:
-        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+        return int(field.split(b"\0", 1)[0], 8)  # int() skips the spaces around the digits
+    except ValueError:
+        pass
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)  # an empty field is 0
     except ValueError:
         raise _damaged(f"bad number {field!r} in a header") from None
 

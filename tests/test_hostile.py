@@ -189,6 +189,12 @@ ROWS = [
         "is a symlink"),
     Row("write under a file", lambda: tar(f("a"), f("a/b")), InvalidInput,
         "not a directory"),
+    # A directory seen as a fine parent, then replaced by a symlink (later entries win): what
+    # goes below it afterwards must be refused, however deep.
+    Row("dir replaced by symlink", lambda: tar(d("a"), d("a/b"), f("a/b/c"), sym("a", "/etc"),
+                                               f("a/b/pwned")), UnsafePath, "is a symlink"),
+    Row("dir replaced by file", lambda: tar(d("a"), f("a/c"), f("a"), f("a/d")), InvalidInput,
+        "not a directory"),
     Row("whiteout of whiteout", lambda: tar(f(".wh..wh.x", b"")), InvalidInput,
         "whiteout of a whiteout"),
     Row("whiteout of dotdot", lambda: tar(f(".wh...", b"")), InvalidInput,
