@@ -14,7 +14,7 @@ gzip form (`gzip -6 -n`, as docker and umoci write layers). Then, each into a fr
   parsing and storing;
 * store size: bytes of objects/ and layers/ after the import (file sizes, and blocks allocated
   on disk), against the uncompressed rootfs (sum of file sizes; and blocks its files take on
-  disk), and against the gzip tar.
+  disk), and against the gzip tar; objects stored, how many of them are loose files, and packs.
 
 Targets (issue 2): >= 100 MB/s; store <= 0.45x the uncompressed rootfs. `run()` returns the
 figures as a dict for `cowfs bench`; the script prints them as JSON.
@@ -115,7 +115,9 @@ def import_once(blob: Path, work: Path, name: str) -> dict[str, Any]:
     return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
             "load_before": load, "store_bytes": alloc,
             "store_apparent_bytes": apparent,
-            "objects": sum(1 for _ in store.objects), "toc_entries": len(toc)}  # fmt: skip
+            "objects": sum(1 for _ in store.objects),
+            "loose_objects": sum(1 for _ in store.objects.loose()),
+            "packs": len(store.objects.packs()), "toc_entries": len(toc)}  # fmt: skip
 
 
 class _HashOnlyBuilder:
@@ -208,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{r['entries']} entries, {r['rootfs_bytes'] / MB:.0f} MB of files: import "
           f"{r['import_tar']['mb_per_s']} MB/s (tar), {r['import_gzip']['mb_per_s']} MB/s (gzip); "
           f"store {r['store_vs_rootfs']}x rootfs ({r['store_disk_vs_rootfs_disk']}x on disk), "
-          f"{r['store_vs_gzip']}x gzip", file=sys.stderr)  # fmt: skip
+          f"{r['store_vs_gzip']}x gzip; {r['import_tar']['objects']} objects "
+          f"({r['import_tar']['loose_objects']} loose), {r['import_tar']['packs']} packs",
+          file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -334,15 +334,15 @@ def _import_section(doc: dict) -> list[str]:
         f"gzip -6 tar {imp['gzip_bytes'] / mb:.0f} MB. Throughput is MB/s of uncompressed tar "
         "input, wall clock, into a fresh store; measured once, before the interleaved runs.",
         "",
-        "| input | seconds | MB/s | store (content) | store (on disk) | objects |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| input | seconds | MB/s | store (content) | store (on disk) | objects | loose | packs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for kind in ("tar", "gzip"):
         r = imp[f"import_{kind}"]
         lines.append(
             f"| {kind} | {r['seconds']:.1f} | {r['mb_per_s']:.0f} | "
             f"{r['store_apparent_bytes'] / mb:.0f} MB | {r['store_bytes'] / mb:.0f} MB | "
-            f"{r['objects']} |"
+            f"{r['objects']} | {r.get('loose_objects', '')} | {r.get('packs', '')} |"
         )
     lines += [
         "",

@@ -7,10 +7,19 @@ younger than the grace period: an import in progress writes objects and publishe
 the image that references them, and gc must not pull them out from under it (as git's
 gc.pruneExpire protects fresh loose objects).
 
+Packs (objects.py) are collected whole: a pack none of whose objects is referenced is removed; one
+whose unreferenced objects make at least REPACK_GARBAGE of its bytes is rewritten with only its
+live objects (the new pack is durable before the old one goes, so a crash keeps one of them);
+below that, dead objects stay in their pack (reported as kept_in_packs) until more of it dies. A
+pack younger than the grace period is left alone. As for loose objects, an import that finds an
+object already stored does not write it again: gc must not run with a grace period shorter than
+an import takes.
+
 fsck rehashes every object (every frame checksum and the xxh128 of the content), loads every TOC
 against its layer id, checks that every object a TOC names exists, that every image file hashes
 to its id and names stored layers, and that every tag names a stored image. A broken object is
-reported with the images and paths it breaks.
+reported with the images and paths it breaks; a pack whose index is damaged is reported itself
+(its objects then show up as missing, with what they break).
 """
 
 from __future__ import annotations

@@ -10,12 +10,24 @@ uncompressed bytes so that a read at any offset touches at most a frame or two:
   by a trailer with an XXH64 per frame, so a pread is a pread plus a checksum.
 
 Every read is verified against the frame checksum: a damaged object raises Corruption, never
-returns wrong bytes. Writes go to tmp/ and are renamed into place; they are idempotent (an object
-that exists is not written again). Durability is batched: callers call sync() once before they
-publish anything that references new objects (one syncfs instead of an fsync per object).
+returns wrong bytes.
+
+Where an object lives: a *loose* object is a file of its own, objects/<2 hex>/<30 hex>; a small
+one (stored form <= PACK_MAX_OBJECT) is usually *packed*: a span of a pack file under
+objects/packs/, in the same bytes a loose file would hold (see "packs" below). A layer import
+packs its files in tar order, so the files of a directory sit side by side on disk: a cold read
+of them is a few large reads, not one random read per file, and a store of 50k small files is a
+few dozen files. open() hides the difference; location() tells it (fsck, tests).
+
+Writes are staged in tmp/ and renamed into place; they are idempotent (an object that exists is
+not written again; the same object in two packs, or packed and loose, is harmless: either copy
+serves it). Durability is batched: callers call sync() (or PackWriter.publish(), which syncs)
+once before they publish anything that references new objects (one syncfs for the batch).
 
 Storage contract: put_*() returning DIGEST means the content is stored at DIGEST (durable after
-the next sync()).
+the next sync()); PackWriter.publish() returning means every object appended is durable and
+found by has()/open() of any ObjectStore on the same root (other instances look again when an
+object is not where they last saw it).
 """
 
 from __future__ import annotations

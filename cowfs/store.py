@@ -9,8 +9,10 @@ Vocabulary (as containerd's snapshotter defines its own once):
   * a *tag* is a `name:tag` pointing at an image id.
 
 Everything is staged under tmp/ and becomes visible by one rename: a crash or an error never
-leaves a half-written layer or image in sight. Objects are made durable with one syncfs before the
-layer that references them is published; the TOC, image and tag files are fsynced and renamed.
+leaves a half-written layer or image in sight. A layer's small objects go to packs, in the order
+they were added (objects.py); packs are closed, made durable with one syncfs and renamed into
+place before the layer that references them is published; the TOC, image and tag files are
+fsynced and renamed.
 Layers and objects are never deleted here: gc (maintenance.py) removes what nothing references.
 """
 

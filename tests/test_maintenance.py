@@ -156,3 +156,39 @@ def test_container_images_are_roots(store: Store) -> None:
     (store.containers_dir / "broken").mkdir()
     (store.containers_dir / "broken" / "state.json").write_text("{not json")
     assert maintenance.container_image_ids(store) == {image_id}
+
+
+@pytest.mark.parametrize("dead_size, rewritten", [(100_000, True), (100, False)])
+def test_gc_rewrites_packs_mostly_garbage(tmp_path: Path, dead_size: int, rewritten: bool) -> None:
+    """One pack, one object still used (by a second image), one not: the pack is rewritten
+    when the dead bytes are at least half of it, else the dead object stays in it."""
+    s = Store(tmp_path / "store")
+    live_data, dead_data = os.urandom(50_000 if not rewritten else 100), os.urandom(dead_size)
+    both = import_dir_layer(s, tree(tmp_path / "both", {"live": live_data, "dead": dead_data}))
+    only = import_dir_layer(s, tree(tmp_path / "only", {"live": live_data}))
+    for layer, ref in ((both, "both:1"), (only, "only:1")):
+        s.add_image([layer], default_config([s.layer_meta(layer).diff_id], "test"), tags=[ref])
+    (pack,) = s.objects.packs()  # the second layer stored nothing new
+    dead = digest_of(s, "both:1", "dead")
+    s.remove_image("both:1")
+    report = maintenance.gc(s, grace=0)
+    assert report.layers == [both]
+    if rewritten:
+        assert (report.objects, report.packs_rewritten, report.kept_in_packs) == (1, 1, 0)
+        assert pack not in s.objects.packs() and not s.objects.has(dead)
+        assert report.bytes_freed >= dead_size
+    else:
+        assert (report.objects, report.packs_rewritten, report.kept_in_packs) == (0, 0, 1)
+        assert list(s.objects.packs()) == [pack] and s.objects.has(dead)
+    assert maintenance.fsck(s).ok
+    assert Store(s.root).objects.read(digest_of(s, "only:1", "live")) == live_data
+
+
+def test_fsck_names_a_damaged_pack(store: Store) -> None:
+    (pack, *_) = store.objects.packs()
+    path = store.objects.pack_path(pack)
+    damage(path, path.stat().st_size - 40, 8)  # in the index at the pack's end
+    report = maintenance.fsck(Store(store.root))
+    whats = [p.what for p in report.problems]
+    assert f"pack {pack}" in whats
+    assert any(w.startswith("object ") for w in whats)  # its objects are missing now

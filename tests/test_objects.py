@@ -122,3 +122,91 @@ def test_put_many_stores_what_put_bytes_stores(tmp_path: Path) -> None:
     for d, digest in zip(datas, digests, strict=True):
         assert many.path(digest).read_bytes() == one.path(digest).read_bytes()
         assert many.read(digest) == d
+
+
+# -- packs -----------------------------------------------------------------------------------
+
+
+def _pack(store: ObjectStore, datas: list[bytes]) -> list[str]:
+    w = store.pack_writer()
+    digests = [digest_bytes(d) for d in datas]
+    w.append(list(zip(digests, objects.encode_many(datas), strict=True)))
+    w.publish()
+    return digests
+
+
+def test_packed_objects_read_like_loose_ones(store: ObjectStore) -> None:
+    datas = [text(100), os.urandom(5000), text(3 * FRAME_SIZE + 5), b"x"]
+    w = store.pack_writer()
+    digests = [digest_bytes(d) for d in datas]
+    w.append(list(zip(digests, objects.encode_many(datas), strict=True)))
+    assert not any(store.has(d) for d in digests)  # nothing visible before publish
+    assert os.listdir(store.tmp)  # staged
+    (name,) = w.publish()
+    assert os.listdir(store.tmp) == []
+    for d, data in zip(digests, datas, strict=True):
+        assert store.has(d) and store.packed(d)
+        assert store.read(d) == data
+        with store.open(d) as r:
+            assert r.size == len(data) and r.pread(7, 3) == data[3:10]
+        store.verify(d)
+        path, off, length = store.location(d)
+        assert path == store.pack_path(name) and store.stored_size(d) == length
+    assert list(store) == digests  # pack order
+    assert list(store.packs()) == [name]
+    # Another store object (another process) sees the pack; a pack added later is found too.
+    other = ObjectStore(store.root, store.tmp)
+    assert other.read(digests[0]) == datas[0]
+    (late,) = _pack(store, [b"published later"])
+    assert other.read(late) == b"published later"
+
+
+def test_damaged_packed_object_and_pack_index(store: ObjectStore) -> None:
+    d1, d2 = _pack(store, [text(2 * FRAME_SIZE), b"second object"])
+    path, off, length = store.location(d1)
+    blob = bytearray(path.read_bytes())
+    blob[off + length // 2] ^= 0x40
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(blob))
+    fresh = ObjectStore(store.root, store.tmp)
+    with pytest.raises(Corruption):
+        fresh.read(d1)
+    assert fresh.read(d2) == b"second object"  # its neighbour is intact
+    blob[-30] ^= 0x40  # the index: the pack's objects can no longer be found
+    path.write_bytes(bytes(blob))
+    fresh = ObjectStore(store.root, store.tmp)
+    assert not fresh.has(d2)
+    assert list(fresh.damaged_packs) == [path.name.removesuffix(".pack")]
+    assert "checksum" in fresh.damaged_packs[path.name.removesuffix(".pack")]
+
+
+def test_remove_and_rewrite_pack(store: ObjectStore) -> None:
+    datas = [text(1000 + i) for i in range(5)]
+    digests = _pack(store, datas)
+    store.remove(digests[1])
+    assert not store.has(digests[1])
+    (name,) = store.packs()
+    dropped, freed = store.rewrite_pack(name, lambda d: d == digests[0])
+    assert dropped == 3 and freed > 0
+    assert [d for d in digests if store.has(d)] == [digests[0]]
+    assert store.read(digests[0]) == datas[0]
+    (name,) = store.packs()
+    store.rewrite_pack(name, lambda d: False)
+    assert store.packs() == {} and os.listdir(store.packs_dir) == []
+
+
+def test_discarded_writer_leaves_nothing(store: ObjectStore) -> None:
+    w = store.pack_writer()
+    w.append([(digest_bytes(b"a"), objects.encode(b"a"))])
+    w.discard()
+    assert os.listdir(store.tmp) == [] and not store.has(digest_bytes(b"a"))
+
+
+def test_duplicates_across_packs_and_loose(store: ObjectStore) -> None:
+    (d,) = _pack(store, [b"twice"])
+    _pack(store, [b"twice"])
+    store.put_bytes(b"twice")
+    assert list(store) == [d] and store.read(d) == b"twice"
+    for name in list(store.packs()):
+        store.rewrite_pack(name, lambda _: False)
+    assert store.read(d) == b"twice"  # the loose copy
