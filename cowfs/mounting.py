@@ -19,15 +19,17 @@ import hashlib
 import json
 import os
 import select
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cowfs.errors import Corruption, CowfsError, InvalidInput, MountError, NotFound
 from cowfs.index import INDEX_VERSION, MergedIndex, merge
 from cowfs.toc import Toc
+
+if TYPE_CHECKING:  # imported where used: a container start never needs it (~4 ms)
+    import subprocess
 
 _libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
@@ -117,6 +119,8 @@ def _check_dirs(mountpoint: str, upper: str | None, work: str | None, read_only:
 
 def _spawn(spec: dict[str, Any]) -> int:
     """Start the daemon for `spec` and return its pid once the mount is live."""
+    import subprocess
+
     r, w = os.pipe()
     spec = dict(spec, ready_fd=w)
     # The daemon's own errors (an unexpected exception in a FUSE call) go to a log beside its
@@ -317,6 +321,8 @@ def umount(mountpoint: str | os.PathLike, *, lazy: bool = False) -> None:
         if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
             code = ctypes.get_errno()
             if code == errno.EPERM:  # not root: the setuid helper can do it
+                import subprocess
+
                 res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True,
                                      text=True)  # fmt: skip
                 if res.returncode:
