@@ -157,7 +157,9 @@ def _spawn(spec: dict[str, Any]) -> int:
 _DAEMONS: dict[int, subprocess.Popen] = {}
 
 
-def _daemon_main(spec: dict[str, Any]) -> int:
+def _daemon_main(spec: dict[str, Any], errors: list[str] | None = None) -> int:
+    """Build the filesystem and serve it until unmounted. Why it could not start goes to the
+    ready pipe (background daemon) and to `errors` (foreground)."""
     import logging
 
     from cowfs.fuse import serve
@@ -175,15 +177,18 @@ def _daemon_main(spec: dict[str, Any]) -> int:
             fs = build_dir_fs(spec["lowers"], spec["upper"], spec["work"], spec["read_only"])
     except (CowfsError, OSError) as exc:
         msg = exc.message if isinstance(exc, CowfsError) else str(exc)
-        _tell(ready_fd, f"error {msg}")
+        _tell(ready_fd, f"error {msg}", errors)
         return 2
 
     # Computed before serving: realpath() stats the mount point, which from inside the FUSE
     # loop itself would wait for this very process.
     pidfile = _pidfile(spec["mountpoint"])
 
+    live = False
+
     def ready() -> None:
-        nonlocal ready_fd
+        nonlocal ready_fd, live
+        live = True
         pidfile.write_text(json.dumps({"pid": os.getpid()}))
         if ready_fd >= 0:
             os.write(ready_fd, b"ready")
@@ -196,20 +201,23 @@ def _daemon_main(spec: dict[str, Any]) -> int:
               writeback=spec.get("writeback", False), debug=spec.get("debug", False),
               on_ready=ready)  # fmt: skip
     except CowfsError as exc:
-        _tell(ready_fd, f"error {exc.message}")
+        _tell(ready_fd, f"error {exc.message}", None if live else errors)
         return 2
     finally:
         pidfile.unlink(missing_ok=True)
         logfile = pidfile.with_suffix(".log")
         if logfile.exists() and not logfile.stat().st_size:
             logfile.unlink(missing_ok=True)
-    _tell(ready_fd, "error FUSE did not start (is /dev/fuse usable?)")
+    if not live:
+        _tell(ready_fd, "error FUSE did not start (is /dev/fuse usable?)", errors)
     return 0
 
 
-def _tell(fd: int, message: str) -> None:
+def _tell(fd: int, message: str, errors: list[str] | None = None) -> None:
     if fd >= 0:
         os.write(fd, message.encode())
+    if errors is not None:
+        errors.append(message.removeprefix("error "))
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -282,9 +290,12 @@ def mount_dirs(
 def _run(spec: dict[str, Any], foreground: bool) -> int:
     if not foreground:
         return _spawn(spec)
-    rc = _daemon_main(dict(spec, ready_fd=-1))  # nobody waits for readiness in the foreground
-    if rc:
-        raise MountError(f"cannot mount {spec['mountpoint']}")
+    errors: list[str] = []
+    # nobody waits for readiness in the foreground
+    rc = _daemon_main(dict(spec, ready_fd=-1), errors)
+    if rc or errors:
+        why = errors[-1] if errors else f"the daemon failed ({rc})"
+        raise MountError(f"cannot mount {spec['mountpoint']}: {why}")
     return os.getpid()
 
 

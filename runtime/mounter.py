@@ -70,8 +70,9 @@ class PendingMount:
                 if pidfd in ready:
                     os.waitpid(pid, 0)
                     message = os.read(self._err_r, 4096).decode(errors="replace")
-                    raise MountError(f"cannot mount {self.mountpoint}: "
-                                     f"{message or 'daemon exited'}")  # fmt: skip
+                    if not message.startswith(f"cannot mount {self.mountpoint}"):
+                        message = f"cannot mount {self.mountpoint}: {message or 'daemon exited'}"
+                    raise MountError(message)
                 if not ready and not changed and not is_mounted(self.mountpoint):
                     os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)

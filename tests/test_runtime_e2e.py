@@ -95,6 +95,19 @@ echo "pid1=$(tr "\\0" " " < /proc/1/cmdline)"
 """
 
 
+def test_a_mount_that_fails_is_one_line_with_its_reason_and_leaves_nothing(cowfs: Cowfs) -> None:
+    root = cowfs.root  # type: ignore[attr-defined]
+    for cache in (root / "cache").glob("index-*"):
+        cache.unlink()
+    for toc in (root / "layers").glob("*/toc"):
+        toc.write_bytes(b"damaged")
+    proc = cowfs("run", "--rm", "busybox", "true")
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.startswith("Error: cannot mount ") and proc.stderr.count("\n") == 1
+    assert "cannot mount" not in proc.stderr.split(": ", 2)[-1]  # said once, then the reason
+    assert not list((root / "containers").iterdir())
+
+
 def test_isolation(cowfs: Cowfs, tmp_path: Path) -> None:
     marker = tmp_path / "host-secret"
     marker.write_text("secret")
