@@ -36,6 +36,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would pick libfus
 import mfusepy  # noqa: E402
 
 from cowfs.errors import CowfsError  # noqa: E402
+from cowfs.fusedev import raise_readahead  # noqa: E402
 from cowfs.unionfs import Owner, UnionFS  # noqa: E402
 
 log = logging.getLogger("cowfs.fuse")
@@ -166,8 +167,10 @@ class Operations(mfusepy.Operations):
     use_ns = True
 
     def __init__(self, fs: UnionFS, *, writeback: bool = False,
-                 on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 on_ready: Callable[[], None] | None = None,
+                 mountpoint: str | None = None) -> None:  # fmt: skip
         self.fs = fs
+        self.mountpoint = mountpoint  # its real path, for raise_readahead
         self.writeback = writeback
         self.on_ready = on_ready
         self._queue: queue.SimpleQueue[tuple[list[str], threading.Event] | None] = (
@@ -178,6 +181,9 @@ class Operations(mfusepy.Operations):
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         self._start_invalidator()
+        if self.mountpoint is not None:
+            threading.Thread(target=raise_readahead, args=(self.mountpoint,),
+                             name="cowfs-readahead", daemon=True).start()  # fmt: skip
         if config is not None:
             config.use_ino = 1
             config.readdir_ino = 0
@@ -347,6 +353,19 @@ class Operations(mfusepy.Operations):
         return 0
 
 
+ENGINES = ("libfuse", "native")
+DEFAULT_ENGINE = "libfuse"
+
+
+def engine() -> str:
+    """The FUSE engine serve() uses: $COWFS_FUSE_ENGINE, else DEFAULT_ENGINE."""
+    name = os.environ.get("COWFS_FUSE_ENGINE") or DEFAULT_ENGINE
+    if name not in ENGINES:
+        raise CowfsError(f"COWFS_FUSE_ENGINE={name}: not one of {', '.join(ENGINES)}",
+                         errno=errno.EINVAL)  # fmt: skip
+    return name
+
+
 def serve(
     fs: UnionFS,
     mountpoint: str,
@@ -359,7 +378,17 @@ def serve(
     debug: bool = False,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Mount `fs` at `mountpoint` and serve it until unmounted (runs in the calling process)."""
+    """Mount `fs` at `mountpoint` and serve it until unmounted (runs in the calling process).
+
+    The engine is $COWFS_FUSE_ENGINE (see `engine`); `threads` applies to libfuse only.
+    """
+    if engine() == "native":
+        from cowfs import fuseengine
+
+        fuseengine.serve(fs, mountpoint, fsname=fsname, read_only=read_only,
+                         writeback=writeback, allow_other=allow_other, debug=debug,
+                         on_ready=on_ready)  # fmt: skip
+        return
     if allow_other is None:
         allow_other = os.geteuid() == 0
     options: dict[str, Any] = {
@@ -384,7 +413,9 @@ def serve(
         options["debug"] = True
     raw_fi = options.pop("raw_fi")
     try:
-        ops = Operations(fs, writeback=writeback, on_ready=on_ready)
+        # The real path before mounting: resolving it later would ask this very daemon.
+        target = os.path.realpath(mountpoint)
+        ops = Operations(fs, writeback=writeback, on_ready=on_ready, mountpoint=target)
         _CowfsFUSE(ops, mountpoint, raw_fi=raw_fi, **options)
     except RuntimeError as exc:
         raise CowfsError(f"FUSE mount of {mountpoint} failed: {exc}", errno=errno.EIO) from None

@@ -1,0 +1,672 @@
+"""The native FUSE engine: the kernel protocol spoken directly on /dev/fuse, serving UnionFS.
+
+One thread reads a request (os.readv into one preallocated buffer), unpacks it with struct,
+calls the union filesystem and writes the reply (os.write / os.writev of header + data). No
+libfuse and no ctypes callbacks: that is where the mfusepy engine spends its time (see
+cowfs/fuse.py for the measurement).
+
+Node ids are per name, as libfuse's path API has them: node = (parent node, name), and a
+request's path is found by walking up the parents. A hard-linked file therefore has one kernel
+inode per name; UnionFS tells us (`fs.notify`) when a change through one name makes what the
+kernel caches for the others stale, and we send NOTIFY_INVAL_INODE for those that the kernel
+knows. Per-inode node ids would need UnionFS to map inodes to their current names through
+copy-up, rename and unlink; the writeback cache (which that would make safe) is off anyway.
+
+An unlinked (or renamed-over) name that is still open keeps its node, detached from the tree:
+requests for it are served from one of its open handles (fstat, fchmod, ftruncate...), so no
+.fuse_hidden names are needed.
+
+Kernel caching, and why it is safe (DESIGN decision 2: every change goes through this mount):
+long entry/attr timeouts; FOPEN_KEEP_CACHE for lower files of one name; FOPEN_CACHE_DIR +
+KEEP_CACHE on directories (the kernel drops a directory's cached listing itself whenever a
+create/unlink/rename through the mount changes it); cached symlinks; FLUSH answered ENOSYS once,
+so close() costs no request; readdirplus always, so a stat-walk needs no LOOKUP per entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from cowfs import fusedev
+from cowfs import fuseproto as P
+from cowfs.errors import CowfsError
+from cowfs.fusedev import raise_readahead
+from cowfs.unionfs import UTIME_NOW, UTIME_OMIT, Owner, UnionFS
+
+log = logging.getLogger("cowfs.fuse")
+
+CACHE_TIMEOUT = 86400  # seconds: see DESIGN decision 2
+INVALIDATE_WAIT = 0.2  # seconds; normally done in microseconds
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
+BUFSIZE = MAX_WRITE + (1 << 16)  # a write's data plus its headers, or a 64 KiB xattr value
+
+_NO_REPLY = object()
+_ENTRY_TAIL = (CACHE_TIMEOUT, CACHE_TIMEOUT, 0, 0)
+_S_IFMT = 0o170000
+
+
+class _Stop(BaseException):
+    """A signal asked the loop to end (raised only while it waits for a request)."""
+
+
+class _Node:
+    __slots__ = ("id", "parent", "name", "nlookup", "fhs")
+
+    def __init__(self, nid: int, parent: int, name: str) -> None:
+        self.id = nid
+        self.parent = parent  # 0: detached from the tree (unlinked or replaced)
+        self.name = name
+        self.nlookup = 0
+        self.fhs: list[int] = []
+
+
+def _attr(a: dict[str, int]) -> tuple[int, ...]:
+    at, atn = divmod(a["st_atime"], 1_000_000_000)
+    mt, mtn = divmod(a["st_mtime"], 1_000_000_000)
+    ct, ctn = divmod(a["st_ctime"], 1_000_000_000)
+    return (a["st_ino"], a["st_size"], a["st_blocks"], at, mt, ct, atn, mtn, ctn, a["st_mode"],
+            a["st_nlink"], a["st_uid"], a["st_gid"], a["st_rdev"] & 0xFFFFFFFF,
+            a["st_blksize"], 0)  # fmt: skip
+
+
+def _name(body: memoryview, start: int = 0) -> str:
+    """The NUL-terminated name at `start` of a request's body."""
+    raw = bytes(body[start:])
+    return os.fsdecode(raw[: raw.index(b"\0")])
+
+
+def _names2(body: memoryview) -> tuple[str, str]:
+    raw = bytes(body)
+    a, b, _ = raw.split(b"\0", 2)
+    return os.fsdecode(a), os.fsdecode(b)
+
+
+class Engine:
+    """Serves one mount: the node table, the request loop and one handler per opcode."""
+
+    def __init__(
+        self,
+        fs: UnionFS,
+        fd: int,
+        mountpoint: str,
+        *,
+        writeback: bool = False,
+        debug: bool = False,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.fs = fs
+        self.fd = fd
+        self.mountpoint = mountpoint
+        self.writeback = writeback
+        self.debug = debug
+        self.on_ready = on_ready
+        root = _Node(P.ROOT_ID, 0, "")
+        root.nlookup = 1
+        self._nodes: dict[int, _Node] = {P.ROOT_ID: root}
+        self._names: dict[tuple[int, str], _Node] = {}
+        self._next_id = P.ROOT_ID + 1
+        self._dirs: dict[int, list[tuple[str, dict[str, int]]]] = {}
+        self._next_dir = 1
+        self._proto_minor = 0
+        self._queue: queue.SimpleQueue[tuple[list[int], threading.Event] | None] = (
+            queue.SimpleQueue()
+        )
+        self._waiting = False
+        self._stop = False
+        self._handlers: dict[int, Callable[[int, int, int, memoryview], Any]] = {
+            P.INIT: self._init, P.LOOKUP: self._lookup, P.FORGET: self._forget,
+            P.BATCH_FORGET: self._batch_forget, P.GETATTR: self._getattr,
+            P.SETATTR: self._setattr, P.READLINK: self._readlink, P.SYMLINK: self._symlink,
+            P.MKNOD: self._mknod, P.MKDIR: self._mkdir, P.UNLINK: self._unlink,
+            P.RMDIR: self._rmdir, P.RENAME: self._rename, P.RENAME2: self._rename2,
+            P.LINK: self._link, P.OPEN: self._open, P.READ: self._read, P.WRITE: self._write,
+            P.STATFS: self._statfs, P.RELEASE: self._release, P.FSYNC: self._fsync,
+            P.SETXATTR: self._setxattr, P.GETXATTR: self._getxattr,
+            P.LISTXATTR: self._listxattr, P.REMOVEXATTR: self._removexattr,
+            P.OPENDIR: self._opendir, P.READDIR: self._readdir,
+            P.READDIRPLUS: self._readdirplus, P.RELEASEDIR: self._releasedir,
+            P.FSYNCDIR: self._fsyncdir, P.CREATE: self._create, P.INTERRUPT: self._interrupt,
+            P.DESTROY: self._destroy, P.SYNCFS: self._syncfs,
+        }  # fmt: skip
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve requests until the filesystem is unmounted (or a signal asks to stop)."""
+        buf = bytearray(BUFSIZE)
+        mv = memoryview(buf)
+        fd = self.fd
+        unpack_in = P.IN_HEADER.unpack_from
+        handlers = self._handlers
+        out_header = P.OUT_HEADER.pack
+        write = os.write
+        writev = os.writev
+        debug = self.debug
+        self._start_invalidator()
+        try:
+            while not self._stop:
+                try:
+                    self._waiting = True
+                    n = os.readv(fd, [buf])
+                except OSError as exc:
+                    if exc.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                        continue  # ENOENT: the request was interrupted before we read it
+                    if exc.errno == errno.ENODEV:
+                        break  # unmounted
+                    raise
+                finally:
+                    self._waiting = False
+                _, opcode, unique, nodeid, uid, gid, _, _, _ = unpack_in(buf)
+                handler = handlers.get(opcode)
+                if debug:
+                    print(f"cowfs: {P.OPCODE_NAMES.get(opcode, opcode)} unique={unique} "
+                          f"node={nodeid} len={n}", file=sys.stderr)  # fmt: skip
+                error = 0
+                out: Any = b""
+                if handler is None:
+                    error = -errno.ENOSYS
+                else:
+                    try:
+                        out = handler(nodeid, uid, gid, mv[40:n])
+                    except OSError as exc:
+                        code = exc.errno
+                        if not isinstance(code, int) or code <= 0:
+                            log.exception("FUSE %s failed", P.OPCODE_NAMES.get(opcode))
+                            code = errno.EIO
+                        error = -code
+                    except CowfsError as exc:
+                        error = -exc.errno
+                    except _Stop:
+                        raise
+                    except Exception:
+                        log.exception("FUSE %s failed", P.OPCODE_NAMES.get(opcode))
+                        error = -errno.EIO
+                if out is _NO_REPLY:
+                    continue
+                if debug:
+                    print(f"cowfs:   -> unique={unique} error={error}", file=sys.stderr)
+                try:
+                    if error:
+                        write(fd, out_header(16, error, unique))
+                    elif type(out) is list:
+                        size = 16 + sum(len(x) for x in out)
+                        writev(fd, [out_header(size, 0, unique), *out])
+                    else:
+                        write(fd, out_header(16 + len(out), 0, unique) + out)
+                except OSError as exc:
+                    if exc.errno == errno.ENODEV:
+                        break
+                    if exc.errno != errno.ENOENT:  # ENOENT: the request was interrupted
+                        raise
+        except _Stop:
+            fusedev.unmount(self.mountpoint)
+        finally:
+            self._queue.put(None)
+
+    def stop_on_signals(self) -> None:
+        """SIGINT/SIGTERM/SIGHUP end the loop and detach the mount, as libfuse does."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop = True
+            if self._waiting:
+                raise _Stop
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, handler)
+
+    # -- invalidation of other names ------------------------------------------------------------
+
+    def _start_invalidator(self) -> None:
+        """Notifications go out from a thread of their own and the loop waits for them only
+        briefly: an invalidation may wait on a page lock held by a read only this loop answers."""
+
+        def run() -> None:
+            while (item := self._queue.get()) is not None:
+                nodes, done = item
+                for nid in nodes:
+                    msg = P.NOTIFY_INVAL_INODE_OUT.pack(nid, 0, 0)
+                    try:
+                        os.write(
+                            self.fd, P.OUT_HEADER.pack(16 + len(msg), P.NOTIFY_INVAL_INODE, 0) + msg
+                        )
+                    except OSError:
+                        pass  # ENOENT: the kernel forgot the inode meanwhile
+                done.set()
+
+        threading.Thread(target=run, name="cowfs-invalidate", daemon=True).start()
+        self.fs.notify = self._invalidate
+
+    def _invalidate(self, paths: list[str]) -> None:
+        nodes = [n for p in paths if (n := self._node_of_path(p)) is not None]
+        if nodes:
+            done = threading.Event()
+            self._queue.put((nodes, done))
+            done.wait(INVALIDATE_WAIT)
+
+    def _node_of_path(self, path: str) -> int | None:
+        nid = P.ROOT_ID
+        for part in path.split("/") if path else ():
+            node = self._names.get((nid, part))
+            if node is None:
+                return None
+            nid = node.id
+        return nid
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def _path(self, nid: int) -> str | None:
+        """The union path of a node; None if it is detached (unlinked but still known)."""
+        node = self._nodes.get(nid)
+        if node is None:
+            raise OSError(errno.ESTALE, "stale node")
+        if nid == P.ROOT_ID:
+            return ""
+        parts = []
+        nodes = self._nodes
+        while node.id != P.ROOT_ID:
+            if not node.parent:
+                return None
+            parts.append(node.name)
+            node = nodes.get(node.parent)
+            if node is None:
+                return None
+        if len(parts) == 1:
+            return parts[0]
+        parts.reverse()
+        return "/".join(parts)
+
+    def _need_path(self, nid: int) -> str:
+        path = self._path(nid)
+        if path is None:
+            raise OSError(errno.ENOENT, "unlinked")
+        return path
+
+    def _child(self, parent: int, name: str) -> str:
+        path = self._need_path(parent)
+        return f"{path}/{name}" if path else name
+
+    def _entry(self, parent: int, name: str, attrs: dict[str, int]) -> bytes:
+        """An entry reply for a name the kernel now knows: one more lookup of its node."""
+        node = self._names.get((parent, name))
+        if node is None:
+            node = _Node(self._next_id, parent, name)
+            self._next_id += 1
+            self._nodes[node.id] = node
+            self._names[(parent, name)] = node
+        node.nlookup += 1
+        return P.ENTRY_OUT.pack(node.id, 0, *_ENTRY_TAIL, *_attr(attrs))
+
+    def _detach(self, parent: int, name: str) -> None:
+        node = self._names.pop((parent, name), None)
+        if node is not None:
+            node.parent = 0
+
+    def _drop(self, node: _Node, n: int) -> None:
+        node.nlookup -= n
+        if node.nlookup <= 0 and node.id != P.ROOT_ID:
+            del self._nodes[node.id]
+            if node.parent and self._names.get((node.parent, node.name)) is node:
+                del self._names[(node.parent, node.name)]
+
+    def _open_fh(self, nid: int) -> int | None:
+        node = self._nodes.get(nid)
+        return node.fhs[0] if node is not None and node.fhs else None
+
+    def _attrs(self, nid: int, fh: int | None = None) -> dict[str, int]:
+        if fh is not None:
+            return self.fs.fgetattr(fh)
+        path = self._path(nid)
+        if path is None:
+            fh = self._open_fh(nid)
+            if fh is None:
+                raise OSError(errno.ENOENT, "unlinked")
+            return self.fs.fgetattr(fh)
+        return self.fs.getattr(path)
+
+    @staticmethod
+    def _attr_out(attrs: dict[str, int]) -> bytes:
+        return P.ATTR_OUT.pack(CACHE_TIMEOUT, 0, 0, *_attr(attrs))
+
+    # -- handlers: session ----------------------------------------------------------------------
+
+    def _init(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        major, minor, max_readahead, flags = P.INIT_IN.unpack_from(body)
+        if major != P.KERNEL_VERSION:
+            raise OSError(errno.EPROTO, f"FUSE protocol {major}.{minor} is not supported")
+        if flags & P.INIT_EXT and len(body) >= 20:
+            flags |= int.from_bytes(body[16:20], "little") << 32
+        self._proto_minor = minor
+        want = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.AUTO_INVAL_DATA
+                | P.DO_READDIRPLUS | P.PARALLEL_DIROPS | P.MAX_PAGES | P.CACHE_SYMLINKS
+                | P.INIT_EXT)  # fmt: skip
+        if self.writeback:
+            want |= P.WRITEBACK_CACHE
+        got = flags & want
+        out = P.INIT_OUT.pack(P.KERNEL_VERSION, min(minor, P.KERNEL_MINOR),
+                              max_readahead, got & 0xFFFFFFFF,
+                              16, 12, MAX_WRITE, 1, MAX_PAGES, 0, got >> 32, 0)  # fmt: skip
+        threading.Thread(target=self._ready, name="cowfs-ready", daemon=True).start()
+        return out
+
+    def _ready(self) -> None:
+        # In parallel with the loop, which must be free to answer the stat in raise_readahead.
+        raise_readahead(self.mountpoint)
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _destroy(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        self._stop = True
+        return b""
+
+    def _interrupt(self, nid: int, uid: int, gid: int, body: memoryview) -> object:
+        # One thread answers requests in order: the interrupted one is done or about to be.
+        return _NO_REPLY
+
+    def _syncfs(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        if self.fs.upper is not None and not self.fs.read_only:
+            self.fs.upper.syncfs()
+        return b""
+
+    def _statfs(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        s = self.fs.statfs()
+        g = s.get
+        return P.KSTATFS.pack(g("f_blocks", 0), g("f_bfree", 0), g("f_bavail", 0),
+                              g("f_files", 0), g("f_ffree", 0), g("f_bsize", 4096),
+                              g("f_namemax", 255), g("f_frsize", 4096), 0)  # fmt: skip
+
+    # -- handlers: names ------------------------------------------------------------------------
+
+    def _lookup(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        name = os.fsdecode(bytes(body[:-1]))
+        return self._entry(nid, name, self.fs.getattr(self._child(nid, name)))
+
+    def _forget(self, nid: int, uid: int, gid: int, body: memoryview) -> object:
+        node = self._nodes.get(nid)
+        if node is not None:
+            self._drop(node, P.FORGET_IN.unpack_from(body)[0])
+        return _NO_REPLY
+
+    def _batch_forget(self, nid: int, uid: int, gid: int, body: memoryview) -> object:
+        count, _ = P.BATCH_FORGET_IN.unpack_from(body)
+        nodes = self._nodes
+        for i in range(count):
+            one, n = P.FORGET_ONE.unpack_from(body, 8 + 16 * i)
+            node = nodes.get(one)
+            if node is not None:
+                self._drop(node, n)
+        return _NO_REPLY
+
+    def _getattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        flags, _, fh = P.GETATTR_IN.unpack_from(body)
+        return self._attr_out(self._attrs(nid, fh if flags & P.GETATTR_FH else None))
+
+    def _setattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, a_uid, a_gid,
+         _) = P.SETATTR_IN.unpack_from(body)  # fmt: skip
+        fs = self.fs
+        fhv = fh if valid & P.FATTR_FH else None
+        path = self._path(nid)
+        if path is None and fhv is None:
+            fhv = self._open_fh(nid)
+            if fhv is None:
+                raise OSError(errno.ENOENT, "unlinked")
+        # libfuse's order: mode, owner, size, times
+        if valid & P.FATTR_MODE:
+            fs.chmod(path, mode, fhv)
+        if valid & (P.FATTR_UID | P.FATTR_GID):
+            fs.chown(path, a_uid if valid & P.FATTR_UID else -1,
+                     a_gid if valid & P.FATTR_GID else -1, fhv)  # fmt: skip
+        if valid & P.FATTR_SIZE:
+            fs.truncate(path, size, fhv)
+        if valid & (P.FATTR_ATIME | P.FATTR_MTIME):
+            at = ((0, UTIME_NOW) if valid & P.FATTR_ATIME_NOW else (atime, atimensec)
+                  if valid & P.FATTR_ATIME else (0, UTIME_OMIT))  # fmt: skip
+            mt = ((0, UTIME_NOW) if valid & P.FATTR_MTIME_NOW else (mtime, mtimensec)
+                  if valid & P.FATTR_MTIME else (0, UTIME_OMIT))  # fmt: skip
+            fs.utimens(path, at, mt, fhv)
+        if path is not None and fhv is None:
+            return self._attr_out(fs.getattr(path))
+        return self._attr_out(self._attrs(nid, fhv))
+
+    def _readlink(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        return os.fsencode(self.fs.readlink(self._need_path(nid)))
+
+    def _mknod(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        mode, rdev, _, _ = P.MKNOD_IN.unpack_from(body)
+        name = _name(body, P.MKNOD_IN.size)
+        path = self._child(nid, name)
+        self.fs.mknod(path, mode, rdev, Owner(uid, gid))
+        return self._entry(nid, name, self.fs.getattr(path))
+
+    def _mkdir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        mode, _ = P.MKDIR_IN.unpack_from(body)
+        name = _name(body, P.MKDIR_IN.size)
+        path = self._child(nid, name)
+        self.fs.mkdir(path, mode, Owner(uid, gid))
+        return self._entry(nid, name, self.fs.getattr(path))
+
+    def _symlink(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        name, target = _names2(body)
+        path = self._child(nid, name)
+        self.fs.symlink(path, target, Owner(uid, gid))
+        return self._entry(nid, name, self.fs.getattr(path))
+
+    def _link(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        (old,) = P.LINK_IN.unpack_from(body)
+        name = _name(body, P.LINK_IN.size)
+        path = self._child(nid, name)
+        self.fs.link(self._need_path(old), path)
+        return self._entry(nid, name, self.fs.getattr(path))
+
+    def _unlink(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        name = os.fsdecode(bytes(body[:-1]))
+        self.fs.unlink(self._child(nid, name))
+        self._detach(nid, name)
+        return b""
+
+    def _rmdir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        name = os.fsdecode(bytes(body[:-1]))
+        self.fs.rmdir(self._child(nid, name))
+        self._detach(nid, name)
+        return b""
+
+    def _rename(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        (newdir,) = P.RENAME_IN.unpack_from(body)
+        old, new = _names2(body[P.RENAME_IN.size :])
+        return self._do_rename(nid, old, newdir, new, 0)
+
+    def _rename2(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        newdir, flags, _ = P.RENAME2_IN.unpack_from(body)
+        old, new = _names2(body[P.RENAME2_IN.size :])
+        return self._do_rename(nid, old, newdir, new, flags)
+
+    def _do_rename(self, olddir: int, old: str, newdir: int, new: str, flags: int) -> bytes:
+        self.fs.rename(self._child(olddir, old), self._child(newdir, new), flags)
+        names = self._names
+        moved = names.pop((olddir, old), None)
+        if flags & 2:  # RENAME_EXCHANGE: the two nodes swap places
+            other = names.pop((newdir, new), None)
+            if other is not None:
+                other.parent, other.name = olddir, old
+                names[(olddir, old)] = other
+        else:
+            self._detach(newdir, new)
+        if moved is not None:
+            moved.parent, moved.name = newdir, new
+            names[(newdir, new)] = moved
+        return b""
+
+    # -- handlers: files ------------------------------------------------------------------------
+
+    def _open(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        flags, _ = P.OPEN_IN.unpack_from(body)
+        fh, keep = self.fs.open(self._need_path(nid), flags)
+        self._nodes[nid].fhs.append(fh)
+        return P.OPEN_OUT.pack(fh, P.FOPEN_KEEP_CACHE if keep else 0, 0)
+
+    def _create(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        flags, mode, _, _ = P.CREATE_IN.unpack_from(body)
+        name = _name(body, P.CREATE_IN.size)
+        path = self._child(nid, name)
+        fh = self.fs.create(path, mode, flags, Owner(uid, gid))
+        try:
+            entry = self._entry(nid, name, self.fs.fgetattr(fh))
+        except BaseException:
+            self.fs.release(fh)
+            raise
+        self._names[(nid, name)].fhs.append(fh)
+        return entry + P.OPEN_OUT.pack(fh, 0, 0)
+
+    def _read(self, nid: int, uid: int, gid: int, body: memoryview) -> list[bytes]:
+        fh, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
+        return [self.fs.read(fh, size, offset)]
+
+    def _write(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, offset, size, _, _, _, _ = P.WRITE_IN.unpack_from(body)
+        start = P.WRITE_IN.size
+        n = self.fs.write(fh, body[start : start + size], offset)
+        return P.WRITE_OUT.pack(n, 0)
+
+    def _release(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, _, _, _ = P.RELEASE_IN.unpack_from(body)
+        node = self._nodes.get(nid)
+        if node is not None and fh in node.fhs:
+            node.fhs.remove(fh)
+        self.fs.release(fh)
+        return b""
+
+    def _fsync(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, flags, _ = P.FSYNC_IN.unpack_from(body)
+        self.fs.fsync(fh, bool(flags & P.FSYNC_FDATASYNC))
+        return b""
+
+    # -- handlers: directories ------------------------------------------------------------------
+
+    def _opendir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        self._need_path(nid)
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dirs[fh] = []
+        return P.OPEN_OUT.pack(fh, P.FOPEN_CACHE_DIR | P.FOPEN_KEEP_CACHE, 0)
+
+    def _listing(self, nid: int, fh: int, offset: int) -> list[tuple[str, dict[str, int]]]:
+        """A directory's entries, read once per opendir (offset 0 again: rewinddir)."""
+        entries = self._dirs.get(fh)
+        if offset == 0 or entries is None or not entries:
+            entries = self.fs.readdir(self._need_path(nid))
+            self._dirs[fh] = entries
+        return entries
+
+    def _readdir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
+        entries = self._listing(nid, fh, offset)
+        out = []
+        used = 0
+        pack = P.DIRENT.pack
+        for i in range(offset, len(entries)):
+            name, attrs = entries[i]
+            raw = os.fsencode(name)
+            rec = 24 + len(raw)
+            pad = -rec & 7
+            if used + rec + pad > size:
+                break
+            mode = attrs["st_mode"]
+            out.append(pack(attrs["st_ino"], i + 1, len(raw), (mode & _S_IFMT) >> 12) + raw
+                       + b"\0" * pad)  # fmt: skip
+            used += rec + pad
+        return b"".join(out)
+
+    def _readdirplus(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
+        entries = self._listing(nid, fh, offset)
+        out = []
+        used = 0
+        pack = P.DIRENT.pack
+        for i in range(offset, len(entries)):
+            name, attrs = entries[i]
+            raw = os.fsencode(name)
+            rec = 128 + 24 + len(raw)
+            pad = -rec & 7
+            if used + rec + pad > size:
+                break
+            mode = attrs["st_mode"]
+            if name == "." or name == "..":
+                entry = bytes(128)  # the kernel looks up neither: no node
+            else:
+                entry = self._entry(nid, name, attrs)
+            out.append(entry + pack(attrs["st_ino"], i + 1, len(raw), (mode & _S_IFMT) >> 12)
+                       + raw + b"\0" * pad)  # fmt: skip
+            used += rec + pad
+        return b"".join(out)
+
+    def _releasedir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        fh = P.RELEASE_IN.unpack_from(body)[0]
+        self._dirs.pop(fh, None)
+        return b""
+
+    def _fsyncdir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        path = self._path(nid)
+        if path is not None:
+            self.fs.fsyncdir(path)
+        return b""
+
+    # -- handlers: xattrs -----------------------------------------------------------------------
+
+    def _getxattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        size, _ = P.GETXATTR_IN.unpack_from(body)
+        name = _name(body, P.GETXATTR_IN.size)
+        value = self.fs.getxattr(self._need_path(nid), name)
+        return self._sized(value, size)
+
+    def _listxattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        size, _ = P.GETXATTR_IN.unpack_from(body)
+        names = self.fs.listxattr(self._need_path(nid))
+        return self._sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
+
+    @staticmethod
+    def _sized(value: bytes, size: int) -> bytes:
+        if size == 0:
+            return P.GETXATTR_OUT.pack(len(value), 0)
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return value
+
+    def _setxattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        size, flags = P.SETXATTR_IN.unpack_from(body)
+        raw = bytes(body[P.SETXATTR_IN.size :])
+        end = raw.index(b"\0")
+        value = raw[end + 1 : end + 1 + size]
+        self.fs.setxattr(self._need_path(nid), os.fsdecode(raw[:end]), value, flags)
+        return b""
+
+    def _removexattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        self.fs.removexattr(self._need_path(nid), _name(body))
+        return b""
+
+
+def serve(fs: UnionFS, mountpoint: str, *, fsname: str = "cowfs", read_only: bool = False,
+          writeback: bool = False, allow_other: bool | None = None, debug: bool = False,
+          on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Mount `fs` at `mountpoint` and serve it until unmounted (runs in the calling thread)."""
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    target = os.path.realpath(mountpoint)  # before the mount: afterwards it would ask us
+    fd = fusedev.open_mount(target, fsname=fsname, read_only=read_only, allow_other=allow_other)
+    engine = Engine(fs, fd, target, writeback=writeback, debug=debug, on_ready=on_ready)
+    try:
+        engine.stop_on_signals()
+        engine.run()
+    finally:
+        os.close(fd)
+        fs.close()
