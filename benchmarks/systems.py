@@ -388,13 +388,37 @@ def cowfs_fuse_options() -> str:
         threads = params["threads"].default if "threads" in params else "?"
         writeback = params["writeback"].default if "writeback" in params else "?"
         timeout = f"{fuse.CACHE_TIMEOUT:.0f} s"
+        engine = fuse.engine()
     except (ImportError, AttributeError, KeyError) as exc:
         return f"(FUSE settings unknown: {exc})"
     return (
-        f"FUSE settings from cowfs/fuse.py: entry/attr/negative timeouts {timeout}, use_ino, "
-        f"keep_cache on lower files, readdirplus, hard_remove; threads={threads}, "
-        f"writeback cache={writeback} (mounting.mount defaults)"
+        f"FUSE settings from cowfs/fuse.py: {engine} engine, entry/attr/negative timeouts "
+        f"{timeout}, use_ino, keep_cache on lower files, readdirplus, 1 MiB readahead; "
+        f"threads={threads}, writeback cache={writeback} (mounting.mount defaults)"
     )
+
+
+class CowfsEngine(CowfsTuned):
+    """cowfs (store) served by one FUSE engine ($COWFS_FUSE_ENGINE of the daemon): for
+    comparing the engines in one interleaved run."""
+
+    def __init__(self, engine: str) -> None:
+        super().__init__(f"cowfs-{engine}", f"cowfs ({engine})")
+        self.engine = engine
+
+    def mount(self, ds: Dataset, run_dir: Path) -> View:
+        old = os.environ.get("COWFS_FUSE_ENGINE")
+        os.environ["COWFS_FUSE_ENGINE"] = self.engine  # the daemon inherits it
+        try:
+            return super().mount(ds, run_dir)
+        finally:
+            if old is None:
+                del os.environ["COWFS_FUSE_ENGINE"]
+            else:
+                os.environ["COWFS_FUSE_ENGINE"] = old
+
+    def describe(self) -> str:
+        return f"as cowfs (store), served by the {self.engine} FUSE engine (COWFS_FUSE_ENGINE)"
 
 
 def all_systems() -> list[System]:
@@ -407,6 +431,8 @@ def variant_systems() -> list[System]:
     return [
         CowfsTuned("cowfs-threads", "cowfs (threads)", threads=True),
         CowfsTuned("cowfs-writeback", "cowfs (writeback)", writeback=True),
+        CowfsEngine("native"),
+        CowfsEngine("libfuse"),
     ]
 
 

@@ -52,6 +52,7 @@ BUFSIZE = MAX_WRITE + (1 << 16)  # a write's data plus its headers, or a 64 KiB 
 _NO_REPLY = object()
 _ENTRY_TAIL = (CACHE_TIMEOUT, CACHE_TIMEOUT, 0, 0)
 _S_IFMT = 0o170000
+_NEGATIVE = P.ENTRY_OUT.pack(0, 0, CACHE_TIMEOUT, 0, 0, 0, *([0] * 16))
 
 
 class _Stop(BaseException):
@@ -389,7 +390,15 @@ class Engine:
 
     def _lookup(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
         name = os.fsdecode(bytes(body[:-1]))
-        return self._entry(nid, name, self.fs.getattr(self._child(nid, name)))
+        try:
+            attrs = self.fs.getattr(self._child(nid, name))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # A negative entry the kernel may cache (decision 2): node id 0 with a timeout.
+            # It drops the negative dentry itself when a name is created through the mount.
+            return _NEGATIVE
+        return self._entry(nid, name, attrs)
 
     def _forget(self, nid: int, uid: int, gid: int, body: memoryview) -> object:
         node = self._nodes.get(nid)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cowfs import mounting
+from cowfs.errors import CowfsError
 from tests.conftest import need_fuse, need_tool
 
 OPAQUE = "trusted.overlay.opaque"
@@ -93,9 +94,12 @@ def _build_lowers(base: Path) -> list[Path]:
     return [l2, l1]
 
 
-@pytest.fixture
-def union(tmp_path: Path) -> Iterator[Union]:
+@pytest.fixture(params=["native", "libfuse"])
+def union(tmp_path: Path, request: pytest.FixtureRequest,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[Union]:  # fmt: skip
+    """Every test runs on both FUSE engines (cowfs.fuse.engine; the daemon inherits the env)."""
     need_fuse()
+    monkeypatch.setenv("COWFS_FUSE_ENGINE", request.param)
     base = tmp_path / "u"
     base.mkdir()
     u = Union(base, _build_lowers(base), base / "upper", base / "work", base / "mnt")
@@ -666,3 +670,17 @@ def test_loop_variants_serve_the_same_tree(union: Union, threads: bool, writebac
     union.remount()
     assert read(union.m("d2/a")) == "loWer a\nx"
     assert Path(union.m("d2/new")).read_bytes() == b"n" * 100_000
+
+
+def test_an_unknown_fuse_engine_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need_fuse()
+    (tmp_path / "l").mkdir()
+    (tmp_path / "m").mkdir()
+    monkeypatch.setenv("COWFS_FUSE_ENGINE", "nope")
+    with pytest.raises(CowfsError) as exc:
+        mounting.mount_dirs([str(tmp_path / "l")], tmp_path / "m")
+    assert "COWFS_FUSE_ENGINE=nope: not one of" in exc.value.message
+    assert "\n" not in exc.value.message
+    assert not mounting.is_mounted(tmp_path / "m")

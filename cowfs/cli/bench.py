@@ -29,7 +29,8 @@ from cowfs.errors import BenchError, InvalidInput
     multiple=True,
     metavar="NAME",
     help="Measure only these systems: native, overlayfs, fuse-overlayfs, cowfs, cowfs-dirs; "
-    "also cowfs-threads, cowfs-writeback (cowfs with other FUSE settings).",
+    "also cowfs-threads, cowfs-writeback, cowfs-native, cowfs-libfuse (cowfs with other FUSE "
+    "settings or engines).",
 )
 @click.option("--runs", type=click.IntRange(1, 100), default=None, help="Runs per system.")
 @click.option(
