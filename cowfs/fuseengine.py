@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from cowfs import fusedev
+from cowfs import fuse, fusedev
 from cowfs import fuseproto as P
 from cowfs.errors import CowfsError
 from cowfs.fusedev import raise_readahead
@@ -43,7 +43,7 @@ from cowfs.unionfs import UTIME_NOW, UTIME_OMIT, Owner, UnionFS
 
 log = logging.getLogger("cowfs.fuse")
 
-CACHE_TIMEOUT = 86400  # seconds: see DESIGN decision 2
+CACHE_TIMEOUT = int(fuse.CACHE_TIMEOUT)  # seconds: see DESIGN decision 2
 INVALIDATE_WAIT = 0.2  # seconds; normally done in microseconds
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
