@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 CACHE_TIMEOUT = 86400.0  # seconds, for entries, attributes and negative entries: decision 2
 ENGINES = ("libfuse", "native")
-DEFAULT_ENGINE = "native"  # the whole suite passes on both; see the figures above
+DEFAULT_ENGINE = "native"  # why: this docstring
 
 
 def engine() -> str:

@@ -8,11 +8,8 @@ hands the /dev/fuse fd back over a socket named by _FUSE_COMMFD, as libfuse does
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
-import socket
-import subprocess
 
 from cowfs.errors import CowfsError
 
@@ -22,7 +19,8 @@ MS_NODEV = 4
 MNT_DETACH = 2
 READ_AHEAD_KB = 1024  # see raise_readahead
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own libc (not find_library: that runs `ldconfig -p`, tens of ms of a start).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
@@ -50,6 +48,9 @@ def open_mount(mountpoint: str, *, fsname: str, read_only: bool, allow_other: bo
 
 
 def _fusermount(mountpoint: str, fsname: str, read_only: bool, allow_other: bool) -> int:
+    import socket  # here, not at the top: a mount as root (a container's) needs neither
+    import subprocess
+
     opts = ["ro" if read_only else "rw", f"fsname={fsname.replace(',', '_')}", "subtype=cowfs",
             "default_permissions"]  # fmt: skip
     if allow_other:
@@ -79,6 +80,8 @@ def unmount(mountpoint: str) -> None:
     """Detach the mount (lazily, as libfuse does when its loop ends on a signal)."""
     if os.geteuid() == 0 and _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) == 0:
         return
+    import subprocess
+
     subprocess.run(["fusermount3", "-u", "-z", "--", mountpoint], capture_output=True)
 
 
