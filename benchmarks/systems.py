@@ -388,7 +388,7 @@ def cowfs_fuse_options() -> str:
         threads = params["threads"].default if "threads" in params else "?"
         writeback = params["writeback"].default if "writeback" in params else "?"
         timeout = f"{fuse.CACHE_TIMEOUT:.0f} s"
-        engine = fuse.engine()
+        engine = fuse.engine(threads is True)
     except (ImportError, AttributeError, KeyError) as exc:
         return f"(FUSE settings unknown: {exc})"
     return (

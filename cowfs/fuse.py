@@ -39,9 +39,10 @@ ENGINES = ("libfuse", "native")
 DEFAULT_ENGINE = "native"  # why: this docstring
 
 
-def engine() -> str:
-    """The FUSE engine serve() uses: $COWFS_FUSE_ENGINE, else DEFAULT_ENGINE."""
-    name = os.environ.get("COWFS_FUSE_ENGINE") or DEFAULT_ENGINE
+def engine(threads: bool = False) -> str:
+    """The FUSE engine serve() uses: $COWFS_FUSE_ENGINE, else libfuse for a threaded loop (the
+    native loop is single-threaded), else DEFAULT_ENGINE."""
+    name = os.environ.get("COWFS_FUSE_ENGINE") or ("libfuse" if threads else DEFAULT_ENGINE)
     if name not in ENGINES:
         raise CowfsError(f"COWFS_FUSE_ENGINE={name}: not one of {', '.join(ENGINES)}",
                          errno=errno.EINVAL)  # fmt: skip
@@ -62,10 +63,10 @@ def serve(
 ) -> None:
     """Mount `fs` at `mountpoint` and serve it until unmounted (runs in the calling process).
 
-    The engine is $COWFS_FUSE_ENGINE (see `engine`); `threads` applies to libfuse only. Each
-    engine is imported here, when chosen: mfusepy alone costs ~15 ms of a daemon's start.
+    The engine is `engine(threads)`; `threads` applies to libfuse only. Each engine is
+    imported here, when chosen: mfusepy alone costs ~15 ms of a daemon's start.
     """
-    if engine() == "native":
+    if engine(threads) == "native":
         from cowfs import fuseengine
 
         fuseengine.serve(fs, mountpoint, fsname=fsname, read_only=read_only,
