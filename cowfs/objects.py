@@ -316,7 +316,9 @@ class ObjectStore:
         # The packs' indexes, merged: digest (16 bytes) -> (pack name, offset, length). Loaded on
         # first use, so that a store opened for something else never reads them.
         self._loc: dict[bytes, tuple[str, int, int]] | None = None
-        self._pack_fds: dict[str, int] = {}  # open for the store's life (readers share them)
+        # Opened on first read, then kept for the store's life (readers share them; one that
+        # gc removes stays readable through its fd, and what it held is the same elsewhere).
+        self._pack_fds: dict[str, int] = {}
         self._pack_digests: dict[str, list[bytes]] = {}
         self.damaged_packs: dict[str, str] = {}  # name -> why its index could not be read
         self._index_lock = threading.RLock()
@@ -332,7 +334,10 @@ class ObjectStore:
     def has(self, digest: str) -> bool:
         if not _HEX32.fullmatch(digest):
             raise NotFound(f"not an object digest: {digest!r}")
-        return self._packed(digest) is not None or os.path.exists(self._path_s(digest))
+        if self._packed(digest) is not None or os.path.exists(self._path_s(digest)):
+            return True
+        self.refresh()  # published by another process since the index was loaded?
+        return self._packed(digest) is not None
 
     # -- packs -----------------------------------------------------------------------------
 
@@ -364,14 +369,19 @@ class ObjectStore:
         for name in sorted(names):
             if name in self._pack_digests or name in self.damaged_packs:
                 continue
+            # Opened to read the index only: a process that reads objects opens the packs it
+            # reads from (a store may hold more packs than a daemon should keep open).
             try:
-                fd = self._pack_fd(name)
-                entries = read_pack_index(fd, name)
+                fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
+            try:
+                entries = read_pack_index(fd, name)
             except Corruption as exc:
                 self.damaged_packs[name] = exc.message
                 continue
+            finally:
+                os.close(fd)
             self._add_pack(name, entries)
 
     def _add_pack(self, name: str, entries: list[tuple[bytes, int, int]]) -> None:
@@ -446,7 +456,9 @@ class ObjectStore:
         fsync_dir(self.packs_dir)
         with self._index_lock:
             # Not while other threads read this store: gc's own process only.
-            os.close(self._pack_fds.pop(name))
+            fd = self._pack_fds.pop(name, None)
+            if fd is not None:
+                os.close(fd)
             self._load_packs()
         return len(digests) - len(kept), old_size - new_size
 
@@ -778,8 +790,7 @@ class PackWriter:
             names.append(name)
         fsync_dir(self.objects.packs_dir)
         for name in names:
-            fd = self.objects._pack_fd(name)
-            self.objects._add_pack(name, read_pack_index(fd, name))
+            self.objects._add_pack(name, read_pack_index(self.objects._pack_fd(name), name))
         return names
 
     def discard(self) -> None:

@@ -337,11 +337,10 @@ class LayerBuilder:
         self.toc.opaque.add(path)
 
     def _store_content(self, data: bytes | BinaryIO | str | os.PathLike) -> tuple[str, int]:
-        if isinstance(data, str | os.PathLike):
-            with open(data, "rb") as f:
-                return self._store_content(f)
-        if not isinstance(data, bytes | bytearray | memoryview):
-            head = data.read(_SMALL_FILE + 1)
+        # Cheapest test first: a stream is what an import passes for each of thousands of files
+        # (isinstance against os.PathLike, an ABC, costs more than the rest of this).
+        if hasattr(data, "read"):
+            head = data.read(_SMALL_FILE + 1)  # type: ignore[union-attr]
             if len(head) <= _SMALL_FILE:
                 data = head
             else:
@@ -349,7 +348,10 @@ class LayerBuilder:
                 digest = self.store.objects.put_stream(_Chain(head, data))
                 with self.store.objects.open(digest) as r:
                     return digest, r.size
-        data = bytes(data)
+        elif isinstance(data, str | os.PathLike):
+            with open(data, "rb") as f:
+                return self._store_content(f)
+        data = bytes(data)  # type: ignore[arg-type]
         if not data:
             return "", 0
         digest = digest_bytes(data)
