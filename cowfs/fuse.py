@@ -4,22 +4,34 @@ serve() runs the engine named by $COWFS_FUSE_ENGINE (`engine()`): "native" (cowf
 the kernel protocol spoken on /dev/fuse) or "libfuse" (cowfs.fuselib: mfusepy on libfuse3). Both
 serve the same UnionFS with the same kernel caching; the tests of unionfs semantics run on both.
 
-Why a native engine (DESIGN decision 1 chose mfusepy; the measurement below is for amending it).
-Per request, the two cost about the same daemon CPU: 20k getxattr 0.40 s native vs 0.36 s
+Why a native engine (DESIGN decision 1 chose mfusepy; this measurement is for amending it).
+Per request the two cost about the same daemon CPU: 20k getxattr 0.40 s native vs 0.36 s
 libfuse, 5k open+read+close of small lower files 1.14 vs 1.03 s (medians of 3 interleaved
-rounds, load 3.5; /tmp/eng/gate.py of the engine session). The request loop is a few
-microseconds of Python either way; the kernel round trip and unionfs dominate. The native engine
-wins where libfuse 3.14's high-level API cannot follow the kernel:
+rounds, load 3.5). The loop is a few microseconds of Python either way; the kernel round trip
+and unionfs dominate. The native engine wins where libfuse 3.14's high-level API cannot follow
+the kernel:
 - directory listings: readdirplus entries packed with struct instead of one ctypes filler call
-  and one struct stat per entry, and FOPEN_CACHE_DIR so a warm listing costs no READDIRPLUS at
-  all (libfuse 3.14's high-level opendir drops the cache_readdir flag). `find -printf` over
-  the 60k-entry tree: cold 0.98 s daemon CPU vs 1.87 s, warm 0.27 s vs 1.50 s (wall 0.89 vs
-  3.26 s);
-- 1 MiB requests (max_pages 256, readahead raised to 1 MiB: see fusedev.raise_readahead, which
-  the libfuse engine now does too);
+  and one struct stat each, and FOPEN_CACHE_DIR, so a warm listing costs no READDIRPLUS at all
+  (libfuse 3.14's high-level opendir drops the cache_readdir flag);
+- 1 MiB requests (max_pages 256, readahead raised to 1 MiB by fusedev.raise_readahead, which
+  the libfuse engine does too: seq 512 MiB 0.79 -> 0.68 s wall, 6 rounds, load 3.5);
 - negative entries, FLUSH never sent, cached symlinks: what libfuse's path API gives, kept.
-The libfuse engine stays for comparison (`cowfs bench --system cowfs-native --system
-cowfs-libfuse`) and for its `threads=` loop.
+
+`python scripts/fuse_engines_ab.py --rounds 2 --only find,seq,readall,churn` (the bench image,
+a fresh mount per system and round, host caches warm; load 2.7-5; daemon CPU s / wall s):
+
+    workload                  native        libfuse       fuse-overlayfs
+    find -printf, cold        1.92 / 4.22   2.67 / 6.55   2.21 / 4.92
+    find -printf, warm        0.33 / 1.14   1.50 / 3.80   0.13 / 0.49
+    seq read 512 MiB          1.28 / 2.50   1.54 / 3.33   1.00 / 1.72
+    read every file, cold    11.70 / 25.0  12.44 / 26.7   4.77 / 17.5
+    read every file, warm     6.34 / 14.8   6.25 / 14.7   2.08 / 6.11
+    create 10k x 1 KiB        8.15 / 13.4   8.18 / 13.6   5.23 / 6.75
+    unlink 10k                2.43 / 9.79   2.18 / 7.38   7.05 / 9.92
+
+File reads and churn are unionfs and store work (object open and verify, copy-up, the upper's
+syscalls), the same under both engines. The libfuse engine stays for comparison (`cowfs bench
+--system cowfs-native --system cowfs-libfuse`) and for its `threads=` loop.
 """
 
 from __future__ import annotations
