@@ -322,6 +322,10 @@ class ObjectStore:
         self._pack_digests: dict[str, list[bytes]] = {}
         self.damaged_packs: dict[str, str] = {}  # name -> why its index could not be read
         self._index_lock = threading.RLock()
+        # Before the merged index exists, the first lookups scan the packs' raw indexes
+        # (see _scan): (name, raw index, objects end) per readable pack, in name order.
+        self._raw: list[tuple[str, bytes, int]] | None = None
+        self._scans = 0
 
     def path(self, digest: str) -> Path:
         if not _HEX32.fullmatch(digest):
@@ -352,7 +356,59 @@ class ObjectStore:
         return loc
 
     def _packed(self, digest: str) -> tuple[str, int, int] | None:
-        return self._index().get(bytes.fromhex(digest))
+        key = bytes.fromhex(digest)
+        if self._loc is None and self._scans < _SCAN_LOOKUPS:
+            return self._scan(key)
+        return self._index().get(key)
+
+    def _scan(self, key: bytes) -> tuple[str, int, int] | None:
+        """One lookup without the merged index: the first entry for `key` in the packs' raw
+        indexes, packs in name order (as the merged index, built with setdefault, answers).
+
+        A FUSE daemon is started per container and reads a few dozen objects while the
+        container starts; merging the indexes of a 50k-object store costs ~25 ms of CPU (far
+        more under load) on every start, a scan ~0.1 ms per lookup. Past _SCAN_LOOKUPS
+        lookups the merged index is built as before. (runstart helper, minimal edit.)"""
+        with self._index_lock:
+            if self._loc is not None:  # built meanwhile
+                return self._loc.get(key)
+            if self._raw is None:
+                self._raw = self._read_raw_indexes()
+            self._scans += 1
+            raws = self._raw
+        for name, raw, objects_end in raws:
+            i = raw.find(key)
+            while i >= 0 and i % _PACK_ENTRY.size:  # a match across two entries: look on
+                i = raw.find(key, i + 1)
+            if i >= 0:
+                _, off, length = _PACK_ENTRY.unpack_from(raw, i)
+                if off + length > objects_end:  # as read_pack_index: the pack is damaged
+                    with self._index_lock:
+                        self.damaged_packs[name] = f"pack {name}: index points past the objects"
+                        self._raw = [r for r in self._raw or () if r[0] != name]
+                    continue
+                return name, off, length
+        return None
+
+    def _read_raw_indexes(self) -> list[tuple[str, bytes, int]]:
+        try:
+            names = sorted(n[: -len(PACK_SUFFIX)] for n in os.listdir(self.packs_dir)
+                           if n.endswith(PACK_SUFFIX))  # fmt: skip
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name in self.damaged_packs:
+                continue
+            try:
+                raw, objects_end = _read_raw_index(self._pack_fd(name), name)
+            except FileNotFoundError:
+                continue
+            except Corruption as exc:
+                self.damaged_packs[name] = exc.message
+                continue
+            out.append((name, raw, objects_end))
+        return out
 
     def _load_packs(self) -> None:
         """Load the index of every pack not loaded yet; forget packs that are gone."""
@@ -701,12 +757,24 @@ PACK_SUFFIX = ".pack"
 PACK_MAX_OBJECT = 256 * 1024
 PACK_TARGET = 64 << 20  # a pack is closed once it holds this much: gc rewrites whole packs
 _PACK_ENTRY = struct.Struct("<16sQI")
+_SCAN_LOOKUPS = 64  # lookups answered by ObjectStore._scan before the merged index is built
 _PACK_FOOTER = struct.Struct("<QIQ8s")
 _PACK_MAGIC = b"COWPACK1"
 
 
 def read_pack_index(fd: int, name: str) -> list[tuple[bytes, int, int]]:
     """The (digest, offset, length) entries of an open pack; Corruption if they do not add up."""
+    index, index_off = _read_raw_index(fd, name)
+    entries = list(_PACK_ENTRY.iter_unpack(index))
+    for _, off, length in entries:
+        if off + length > index_off:
+            raise Corruption(f"pack {name}: index points past the objects")
+    return entries
+
+
+def _read_raw_index(fd: int, name: str) -> tuple[bytes, int]:
+    """An open pack's index as stored (checked against its footer and checksum) and where
+    its objects end."""
     size = os.fstat(fd).st_size
     if size < _PACK_FOOTER.size:
         raise Corruption(f"pack {name}: too short for a footer")
@@ -718,11 +786,7 @@ def read_pack_index(fd: int, name: str) -> list[tuple[bytes, int, int]]:
     index = os.pread(fd, index_len, index_off)
     if len(index) != index_len or xxhash.xxh64_intdigest(index) != check:
         raise Corruption(f"pack {name}: index checksum mismatch")
-    entries = list(_PACK_ENTRY.iter_unpack(index))
-    for _, off, length in entries:
-        if off + length > index_off:
-            raise Corruption(f"pack {name}: index points past the objects")
-    return entries
+    return index, index_off
 
 
 class PackWriter:

@@ -210,3 +210,22 @@ def test_duplicates_across_packs_and_loose(store: ObjectStore) -> None:
     for name in list(store.packs()):
         store.rewrite_pack(name, lambda _: False)
     assert store.read(d) == b"twice"  # the loose copy
+
+
+def test_first_lookups_scan_the_packs_and_agree_with_the_merged_index(store: ObjectStore) -> None:
+    # A fresh store (a FUSE daemon) answers its first lookups from the packs' raw indexes,
+    # without merging them; the answers are the merged index's (first pack by name wins).
+    first = _pack(store, [b"alpha", b"shared", text(300)])
+    second = _pack(store, [b"shared", b"omega"])
+    fresh = ObjectStore(store.root, store.tmp)
+    digests = first + second + [digest_bytes(b"absent")]
+    scanned = [fresh._packed(d) for d in digests]
+    assert fresh._loc is None  # nothing merged yet
+    merged = ObjectStore(store.root, store.tmp)
+    merged.refresh()
+    assert scanned == [merged._packed(d) for d in digests]
+    assert scanned[-1] is None and fresh.read(first[1]) == b"shared"
+    for _ in range(objects._SCAN_LOOKUPS):
+        fresh.has(first[0])
+    assert fresh._loc is not None  # past the scan budget the merged index is built
+    assert [fresh._packed(d) for d in digests] == scanned
