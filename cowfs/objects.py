@@ -400,13 +400,17 @@ class ObjectStore:
         for name in names:
             if name in self.damaged_packs:
                 continue
-            try:
-                raw, objects_end = _read_raw_index(self._pack_fd(name), name)
+            try:  # opened for its index only, as _load_packs does: reads open what they read
+                fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
+            try:
+                raw, objects_end = _read_raw_index(fd, name)
             except Corruption as exc:
                 self.damaged_packs[name] = exc.message
                 continue
+            finally:
+                os.close(fd)
             out.append((name, raw, objects_end))
         return out
 
