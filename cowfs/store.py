@@ -451,18 +451,25 @@ class LayerBuilder:
 
 
 class _Chain:
-    """A read()-able stream of `head` followed by the rest of `tail`."""
+    """A read()-able stream of `head` followed by the rest of `tail`.
+
+    `head` is consumed through an offset: slicing off what was read would copy the rest of it
+    at every read, quadratic in its size (it is up to _SMALL_FILE bytes, read a frame at a time).
+    """
 
     def __init__(self, head: bytes, tail: BinaryIO) -> None:
-        self._head = head
+        self._head = memoryview(head)
+        self._pos = 0
         self._tail = tail
 
     def read(self, n: int = -1) -> bytes:
-        if self._head:
+        head, pos = self._head, self._pos
+        if pos < len(head):
             if n < 0:
-                out, self._head = self._head + self._tail.read(), b""
-                return out
-            out, self._head = self._head[:n], self._head[n:]
+                self._pos = len(head)
+                return bytes(head[pos:]) + self._tail.read()
+            out = bytes(head[pos : pos + n])
+            self._pos = pos + len(out)
             if len(out) < n:
                 out += self._tail.read(n - len(out))
             return out

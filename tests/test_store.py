@@ -157,3 +157,18 @@ def test_normalize_ref(ref: str, want: str) -> None:
 def test_bad_refs(bad: str) -> None:
     with pytest.raises(InvalidInput):
         normalize_ref(bad)
+
+
+def test_file_over_the_whole_read_limit_streams(tmp_path: Path, monkeypatch) -> None:
+    """A file larger than what the builder reads whole goes through put_stream: its first part
+    (already read) and the rest are one object, byte for byte."""
+    from cowfs import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_SMALL_FILE", 3 * FRAME_SIZE + 5)
+    s = Store(tmp_path / "s")
+    data = os.urandom(2 * FRAME_SIZE) + b"y" * (7 * FRAME_SIZE + 3)
+    with s.new_layer() as lb:
+        e = lb.add(Entry("f", REG), io.BytesIO(data))
+        layer = lb.commit()
+    assert e.size == len(data)
+    assert Store(s.root).objects.read(s.load_toc(layer).entries["f"].digest) == data
