@@ -55,6 +55,8 @@ FRAME_SIZE = 128 * 1024
 ZSTD_LEVEL = 1
 # Store raw when zstd saves less than this fraction: decompressing costs more than it saves.
 MIN_SAVING = 0.1
+# put_stream judges a large stream's compressibility on its first frames (1 MiB).
+_PROBE_FRAMES = 8
 
 _SKIPPABLE_MAGIC = 0x184D2A5E
 _SEEKABLE_MAGIC = 0x8F92EAB1
@@ -574,7 +576,11 @@ class ObjectStore:
             os.rename(tmp, path)
 
     def put_stream(self, f: BinaryIO, size: int | None = None) -> str:
-        """Store the rest of a binary stream (read frame by frame: never all in memory)."""
+        """Store the rest of a binary stream (read frame by frame: never all in memory).
+
+        A stream whose first _PROBE_FRAMES frames do not compress is stored raw from there on,
+        without compressing the rest (media, archives, random data): deciding only at the end
+        would compress all of it, then read it back and write it again raw."""
         first = f.read(FRAME_SIZE)
         if len(first) < FRAME_SIZE:  # the common case: a small file
             return self.put_bytes(first)
@@ -583,26 +589,46 @@ class ObjectStore:
         tmp = self._tmpfile()
         entries: list[bytes] = []
         raw_len = packed_len = 0
+        probe: list[bytes] | None = []  # the first frames, kept until compression is judged
+        raw_checks: list[int] | None = None  # set once the object is being written raw
         try:
             with open(tmp, "wb") as out:
                 frame = first
                 while frame:
                     hasher.update(frame)
+                    raw_len += len(frame)
+                    if raw_checks is not None:
+                        out.write(frame)
+                        raw_checks.append(_frame_checksum(frame))
+                        frame = f.read(FRAME_SIZE)
+                        continue
                     c = cctx.compress(frame)
                     out.write(c)
                     entries.append(_SEEK_ENTRY.pack(len(c), len(frame), _frame_checksum(frame)))
-                    raw_len += len(frame)
                     packed_len += len(c)
+                    if probe is not None:
+                        probe.append(frame)
+                        if len(probe) == _PROBE_FRAMES:
+                            if packed_len > raw_len * (1 - MIN_SAVING):
+                                out.seek(0)
+                                out.truncate()
+                                out.write(b"".join(probe))
+                                raw_checks = [_frame_checksum(p) for p in probe]
+                            probe = None
                     frame = f.read(FRAME_SIZE)
-                table = b"".join(entries)
-                footer = _SEEK_FOOTER.pack(len(entries), _CHECKSUM_FLAG, _SEEKABLE_MAGIC)
-                out.write(struct.pack("<II", _SKIPPABLE_MAGIC, len(table) + len(footer)))
-                out.write(table + footer)
+                if raw_checks is not None:
+                    out.write(struct.pack(f"<{len(raw_checks)}I", *raw_checks))
+                    out.write(_RAW_FOOTER.pack(raw_len, FRAME_SIZE, _RAW_MAGIC))
+                else:
+                    table = b"".join(entries)
+                    footer = _SEEK_FOOTER.pack(len(entries), _CHECKSUM_FLAG, _SEEKABLE_MAGIC)
+                    out.write(struct.pack("<II", _SKIPPABLE_MAGIC, len(table) + len(footer)))
+                    out.write(table + footer)
             digest = hasher.hexdigest()
             path = self.path(digest)
             if path.exists():
                 return digest
-            if packed_len > raw_len * (1 - MIN_SAVING):
+            if raw_checks is None and packed_len > raw_len * (1 - MIN_SAVING):
                 self._rewrite_raw(tmp, digest)
             self._publish(tmp, path)
             tmp = None

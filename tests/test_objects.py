@@ -229,3 +229,20 @@ def test_first_lookups_scan_the_packs_and_agree_with_the_merged_index(store: Obj
         fresh.has(first[0])
     assert fresh._loc is not None  # past the scan budget the merged index is built
     assert [fresh._packed(d) for d in digests] == scanned
+
+
+@pytest.mark.parametrize("head, tail", [("random", "text"), ("text", "random"),
+                                        ("random", "random")])  # fmt: skip
+def test_long_streams_judged_on_their_head(store: ObjectStore, head: str, tail: str) -> None:
+    """Past the probe (8 frames), an incompressible head makes the object raw at once; either
+    way every byte reads back and verifies."""
+    part = {"random": lambda n: os.urandom(n), "text": text}
+    data = part[head](10 * FRAME_SIZE) + part[tail](6 * FRAME_SIZE + 17)
+    d = store.put_stream(io.BytesIO(data))
+    assert d == digest_bytes(data) and store.read(d) == data
+    store.verify(d)
+    raw = store.path(d).read_bytes().endswith(b"COWRAW01")
+    assert raw == (head == "random")
+    with store.open(d) as r:
+        assert r.pread(100, 9 * FRAME_SIZE - 50) == data[9 * FRAME_SIZE - 50 : 9 * FRAME_SIZE + 50]
+    assert os.listdir(store.tmp) == []
