@@ -33,6 +33,16 @@ def renameat2(src_fd: int, src: str, dst_fd: int, dst: str, flags: int = 0) -> N
         raise OSError(err, os.strerror(err), src)
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): queue a range's dirty pages for writing, without
+    waiting. Only a head start for a later fdatasync, which reports any failure: ignored here."""
+    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 class HostDir:
     """An open host directory; `rel` paths are '/'-separated, '' is the directory itself."""
 

@@ -1,8 +1,9 @@
 """Where lower content comes from: a plain host directory or the store's objects.
 
-A lower layer answers `open(path, entry)` with a Reader (pread/close) and, when the content is
-a host file, `host_fd(path)` so copy-up can copy in the kernel and keep holes. Lower layers are
-read-only: nothing here writes to them.
+A lower layer answers `open(path, entry)` with a Reader (pread/close), and `copy_into(path,
+entry, fd)` writes a file's whole content into a host fd for copy-up: in the kernel for a host
+file, verified frame by frame for an object, holes kept where cheap. Lower layers are read-only:
+nothing here writes to them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import os
 from typing import Any, Protocol
 
 from cowfs.errors import Corruption, NotFound
-from cowfs.hostdir import HostDir
+from cowfs.hostdir import HostDir, start_writeback
 from cowfs.toc import Entry
 
 _COPY_CHUNK = 1 << 20
+# copy_fd copies at most this much per call and then starts writing it to the disk, so that the
+# copy's own reads and writes overlap and a following fdatasync waits for the last stretch only.
+_WRITEBACK_STEP = 8 << 20
 
 
 class Reader(Protocol):
@@ -27,7 +31,7 @@ class LowerLayer(Protocol):
     """Where the content of one lower layer's regular files comes from."""
 
     def open(self, path: str, entry: Entry) -> Reader: ...
-    def host_fd(self, path: str) -> int | None: ...  # a host fd for fast copy-up, if any
+    def copy_into(self, path: str, entry: Entry, fd: int) -> None: ...  # content at offset 0
     def close(self) -> None: ...
 
 
@@ -58,8 +62,12 @@ class DirLayer:
     def __init__(self, root: str | os.PathLike) -> None:
         self.dir = HostDir(root)
 
-    def host_fd(self, path: str) -> int | None:
-        return self.dir.open(path, os.O_RDONLY)
+    def copy_into(self, path: str, entry: Entry, fd: int) -> None:
+        src = self.dir.open(path, os.O_RDONLY)
+        try:
+            copy_fd(src, fd, entry.size)
+        finally:
+            os.close(src)
 
     def open(self, path: str, entry: Entry) -> Reader:
         return _FdReader(self.dir.open(path, os.O_RDONLY))
@@ -74,12 +82,17 @@ class StoredLayer:
     def __init__(self, objects: Any) -> None:
         self.objects = objects
 
-    def host_fd(self, path: str) -> int | None:
-        return None
+    def copy_into(self, path: str, entry: Entry, fd: int) -> None:
+        if entry.digest:
+            with self._object(path, entry) as reader:
+                reader.copy_into(fd, lambda offset, length: start_writeback(fd, offset, length))
 
     def open(self, path: str, entry: Entry) -> Reader:
         if not entry.digest:
             return _EmptyReader()
+        return self._object(path, entry)
+
+    def _object(self, path: str, entry: Entry) -> Any:
         try:
             reader = self.objects.open(entry.digest)
         except NotFound as exc:  # the TOC names it, so a missing object is damage: EIO
@@ -94,7 +107,6 @@ class StoredLayer:
 
     def close(self) -> None:
         pass
-
 
 
 def copy_fd(src: int, dst: int, size: int) -> None:
@@ -113,9 +125,11 @@ def copy_fd(src: int, dst: int, size: int) -> None:
             hole = size
         pos = data
         while pos < hole:
-            n = _copy_range(src, dst, hole - pos, pos)
+            n = _copy_range(src, dst, min(hole - pos, _WRITEBACK_STEP), pos)
             if n <= 0:
                 return
+            if pos + n < size:
+                start_writeback(dst, pos, n)
             pos += n
         off = hole
 

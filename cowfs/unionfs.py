@@ -31,6 +31,7 @@ because the handle never goes back to its path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -44,7 +45,7 @@ from typing import Any
 from cowfs.errors import CowfsError
 from cowfs.hostdir import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, link, move
 from cowfs.index import ROOT_INO, MergedIndex
-from cowfs.lowers import LowerLayer, Reader, copy_fd
+from cowfs.lowers import LowerLayer, Reader
 from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, kind_of_mode
 
 WHITEOUT = "w"
@@ -73,7 +74,6 @@ def _user_xattr(name: str) -> str | None:
     return name
 UPPER_INO_BASE = 1 << 32
 NAME_MAX = 255
-_COPY_CHUNK = 1 << 20
 _WORK_PREFIX = "#cowfs-"
 HIDDEN_PREFIX = ".fuse_hidden"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
@@ -98,7 +98,9 @@ class Handle:
 
     ino: int
     fd: int = -1
-    reader: Reader | None = None
+    reader: Reader | None = None  # made on the first read (see UnionFS.open)
+    layer: LowerLayer | None = None  # where a lower handle's reader comes from
+    lower_path: str = ""  # the path in that layer (`path` follows renames; this does not)
     entry: Entry | None = None  # lower metadata, for fstat of a lower handle
     nlink: int = 1
     keep_cache: bool = False
@@ -571,12 +573,14 @@ class UnionFS:
         if not in_upper and not writing:
             e = self.idx.entries[path]
             ino = self.idx.ino[path]
-            reader = self.layers[self.idx.layer[path]].open(path, e)
             nlink = self._lower_nlink(path, ino)
             # Lower content never changes under a handle; a hard-linked one may be copied up
             # through another alias, so only single-link files keep their cache across opens.
-            h = Handle(ino, reader=reader, entry=e, nlink=nlink, keep_cache=nlink == 1,
-                       path=path)  # fmt: skip
+            # The reader is made by the first read: an open whose reads the kernel's page
+            # cache answers (keep_cache) costs no I/O, and lower content is immutable, so
+            # opening it later gives the same bytes (a damaged object fails that read: EIO).
+            h = Handle(ino, entry=e, nlink=nlink, keep_cache=nlink == 1, path=path,
+                       layer=self.layers[self.idx.layer[path]], lower_path=path)  # fmt: skip
             return self._add_handle(h), h.keep_cache
         if not in_upper:
             self._copy_up(path, data=not flags & os.O_TRUNC)
@@ -596,33 +600,52 @@ class UnionFS:
         uid, gid, _ = self._new_owner(parent, owner)
         hflags = self._host_flags(flags) | os.O_CREAT | os.O_EXCL
         assert self.upper is not None and self.work is not None
-        if self._up.get(path) == WHITEOUT:
-            tmp = self._tmpname()
-            fd = self.work.open(tmp, hflags, stat.S_IMODE(mode))
-            try:
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, stat.S_IMODE(mode))
-                move(self.work, tmp, self.upper, path)
-            except BaseException:
-                os.close(fd)
-                raise
-        else:
-            fd = self.upper.open(path, hflags, stat.S_IMODE(mode))
-            try:
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, stat.S_IMODE(mode))
-            except BaseException:
-                os.close(fd)
-                raise
+        # Over a whiteout the file is made in the work dir and renamed onto it.
+        over_whiteout = self._up.get(path) == WHITEOUT
+        d, rel = (self.work, self._tmpname()) if over_whiteout else (self.upper, path)
+        fd = d.open(rel, hflags, stat.S_IMODE(mode))
+        try:
+            st = self._own(fd, uid, gid, stat.S_IMODE(mode))
+            if over_whiteout:
+                move(self.work, rel, self.upper, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                d.unlink(rel)  # nothing half-made stays behind
+            raise
         self._record(path, REG)
-        return self._add_handle(Handle(self._ino_of(path, True), fd=fd))
+        ino = self._ino[path] = UPPER_INO_BASE + st.st_ino  # born in the upper: no origin
+        return self._add_handle(Handle(ino, fd=fd))
+
+    @staticmethod
+    def _own(fd: int, uid: int, gid: int, mode: int) -> os.stat_result:
+        """Give a file the daemon just created its owner, then its mode (chown clears setuid
+        bits). Most files are created as the daemon's own user with the mode open() gave
+        them: then one fstat replaces the chown and the chmod."""
+        st = os.fstat(fd)
+        if st.st_uid != uid or st.st_gid != gid:
+            os.fchown(fd, uid, gid)
+        elif stat.S_IMODE(st.st_mode) == mode:
+            return st
+        os.fchmod(fd, mode)
+        return st
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         h = self._handle(fh)
         if h.fd >= 0:
             return os.pread(h.fd, size, offset)
-        assert h.reader is not None
-        return h.reader.pread(size, offset)
+        reader = h.reader
+        if reader is None:
+            reader = self._lower_reader(h)
+        return reader.pread(size, offset)
+
+    def _lower_reader(self, h: Handle) -> Reader:
+        with self._lock:  # two first reads of a threaded loop must not both open it
+            if h.reader is None:
+                if h.layer is None or h.entry is None:
+                    raise err(errno.EBADF)
+                h.reader = h.layer.open(h.lower_path, h.entry)
+            return h.reader
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         h = self._handle(fh)
@@ -1162,9 +1185,10 @@ class UnionFS:
                 fd = w.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     if data and e.size:
-                        self._copy_data(path, e, fd)
-                    os.ftruncate(fd, e.size if data else 0)
-                    if data and e.size:
+                        # The size first: zero frames that are not written stay holes, and
+                        # no truncate has to wait for a page that is being written back.
+                        os.ftruncate(fd, e.size)
+                        self.layers[self.idx.layer[path]].copy_into(path, e, fd)
                         # As overlayfs does: the copy is on disk before the rename makes it
                         # hide the lower file, so a host crash cannot leave an empty file there.
                         os.fdatasync(fd)
@@ -1187,30 +1211,6 @@ class UnionFS:
         except BaseException:
             self._remove_work_tree(tmp)
             raise
-
-    def _copy_data(self, path: str, e: Entry, dst: int) -> None:
-        layer = self.layers[self.idx.layer[path]]
-        src = layer.host_fd(path)
-        if src is not None:
-            try:
-                copy_fd(src, dst, e.size)
-            finally:
-                os.close(src)
-            return
-        reader = layer.open(path, e)
-        try:
-            off = 0
-            zero = bytes(_COPY_CHUNK)
-            while off < e.size:
-                chunk = reader.pread(min(_COPY_CHUNK, e.size - off), off)
-                if not chunk:
-                    break
-                # Holes where cheap: an all-zero chunk is skipped, ftruncate sets the size.
-                if chunk != zero[: len(chunk)]:
-                    os.pwrite(dst, chunk, off)
-                off += len(chunk)
-        finally:
-            reader.close()
 
     def _copy_up_tree(self, path: str) -> None:
         """Copy a directory and everything visible below it into the upper (for rename)."""

@@ -86,6 +86,50 @@ def test_flipped_byte_is_corruption_not_wrong_bytes(store: ObjectStore, kind: st
         fresh.verify(d)
 
 
+@pytest.mark.parametrize("kind", ["text", "random"])
+@pytest.mark.parametrize("read", [objects._COPY_READ, 3 * FRAME_SIZE], ids=["big", "batched"])
+def test_copy_into_writes_verified_bytes_and_keeps_zero_frames_as_holes(
+    store: ObjectStore, tmp_path: Path, kind: str, read: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(objects, "_COPY_READ", read)  # several reads, several writes
+
+    def body(n: int) -> bytes:
+        return text(n) if kind == "text" else os.urandom(n)
+
+    # Zero frames amid data (few enough that random data still stores raw), a partial last frame.
+    data = body(FRAME_SIZE) + bytes(FRAME_SIZE) + body(40 * FRAME_SIZE) + bytes(2 * FRAME_SIZE)
+    data += body(1000)
+    d = store.put_bytes(data)
+    assert store.stored_size(d) < len(data) if kind == "text" else store.stored_size(d) > len(data)
+    out = tmp_path / "copy"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with store.open(d) as r:
+            r.copy_into(fd)
+        os.ftruncate(fd, len(data))
+        assert os.pread(fd, len(data) + 1, 0) == data
+        assert os.lseek(fd, FRAME_SIZE, os.SEEK_HOLE) == FRAME_SIZE  # the zero frame: a hole
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["text", "random"])
+def test_copy_into_refuses_a_damaged_frame(store: ObjectStore, tmp_path: Path, kind: str) -> None:
+    data = text(20 * FRAME_SIZE) if kind == "text" else os.urandom(20 * FRAME_SIZE)
+    d = store.put_bytes(data)
+    p = store.path(d)
+    blob = bytearray(p.read_bytes())
+    blob[len(blob) // 2] ^= 0x40
+    os.chmod(p, 0o644)
+    p.write_bytes(bytes(blob))
+    fd = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with ObjectStore(store.root, store.tmp).open(d) as r, pytest.raises(Corruption):
+            r.copy_into(fd)
+    finally:
+        os.close(fd)
+
+
 def test_truncated_object_is_corruption(store: ObjectStore) -> None:
     d = store.put_bytes(text(2 * FRAME_SIZE))
     p = store.path(d)
