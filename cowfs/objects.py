@@ -235,8 +235,9 @@ class ObjectReader:
         """
         if self.size == 0:
             return
-        # Read ahead of the copy: a cold object streams from the disk while frames are checked.
-        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if self._fd >= 0:
+            # Read ahead of the copy: a cold object streams in while frames are checked.
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         batches = self._raw_batches() if self._raw else self._decompressed_batches()
         for first, frames in batches:
             self._write_batch(fd, first, frames)
@@ -256,9 +257,17 @@ class ObjectReader:
             i = j
 
     def _raw_batches(self) -> Iterator[tuple[int, list[memoryview]]]:
-        # Big reads into one reused buffer: each batch is written before the next read.
-        view = memoryview(bytearray(min(_COPY_READ, self.size)))
+        # Big reads into one reused buffer: each batch is written before the next read. A
+        # packed object is in memory already.
+        packed = self._blob is not None
+        view = memoryview(self._blob if packed else bytearray(min(_COPY_READ, self.size)))
         for i, j, want in self._spans():
+            if packed:
+                if len(view) < self._offsets[i] + want:
+                    raise Corruption(f"object {self.digest}: frame {j - 1} truncated")
+                yield i, [view[s : s + n] for s, n in zip(self._offsets[i:j], self._csizes[i:j],
+                                                          strict=True)]  # fmt: skip
+                continue
             if os.preadv(self._fd, [view[:want]], self._offsets[i]) != want:
                 raise Corruption(f"object {self.digest}: frame {j - 1} truncated")
             yield i, [view[s - self._starts[i] : s - self._starts[i] + self._csizes[k]]
@@ -267,7 +276,7 @@ class ObjectReader:
     def _decompressed_batches(self) -> Iterator[tuple[int, list[bytes]]]:
         dctx = zstandard.ZstdDecompressor()
         for i, j, want in self._spans():
-            blob = memoryview(os.pread(self._fd, want, self._offsets[i]))
+            blob = memoryview(self._pread(want, self._offsets[i]))
             if len(blob) != want:
                 raise Corruption(f"object {self.digest}: frame {j - 1} truncated")
             frames, at = [], 0
@@ -910,7 +919,8 @@ def _read_raw_index(fd: int, name: str) -> tuple[bytes, int]:
     if size < _PACK_FOOTER.size:
         raise Corruption(f"pack {name}: too short for a footer")
     index_off, count, check, magic = _PACK_FOOTER.unpack(
-        os.pread(fd, _PACK_FOOTER.size, size - _PACK_FOOTER.size))
+        os.pread(fd, _PACK_FOOTER.size, size - _PACK_FOOTER.size)
+    )
     index_len = count * _PACK_ENTRY.size
     if magic != _PACK_MAGIC or index_off + index_len + _PACK_FOOTER.size != size:
         raise Corruption(f"pack {name}: footer damaged")

@@ -179,6 +179,20 @@ def _pack(store: ObjectStore, datas: list[bytes]) -> list[str]:
     return digests
 
 
+def test_packed_objects_copy_into_like_loose_ones(store: ObjectStore, tmp_path: Path) -> None:
+    datas = [text(3 * FRAME_SIZE + 5), os.urandom(FRAME_SIZE) + bytes(FRAME_SIZE) + b"y", b"x"]
+    for d, data in zip(_pack(store, datas), datas, strict=True):
+        assert store.packed(d)
+        fd = os.open(tmp_path / d, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, len(data))
+            with store.open(d) as r:
+                r.copy_into(fd)
+            assert os.pread(fd, len(data) + 1, 0) == data
+        finally:
+            os.close(fd)
+
+
 def test_packed_objects_read_like_loose_ones(store: ObjectStore) -> None:
     datas = [text(100), os.urandom(5000), text(3 * FRAME_SIZE + 5), b"x"]
     w = store.pack_writer()
