@@ -1116,8 +1116,12 @@ class UnionFS:
                 h.path = moved_to(h.path)
         for host_ino, names in groups.items():
             self._add_links(sorted(moved_to(p) for p in names), host_ino)
-        self._listing.clear()
-        self._nlinks.clear()
+        if any(m[2] == DIR for m in moved):
+            # A moved directory changes listings and link counts of a whole subtree. A moved
+            # file changes only its two parents' listings, which _forget and _record dropped
+            # (link counts count directories only): a rename costs no rescan of a big directory.
+            self._listing.clear()
+            self._nlinks.clear()
 
     # -- copy-up --------------------------------------------------------------------------------
 
