@@ -436,13 +436,23 @@ class UnionFS:
             return self.idx.nlink[path]
         n = self._nlinks.get(path)
         if n is None:
+            # 2 + visible subdirectories: the index's count of the lower's, corrected by the
+            # upper's entries here (usually few), so a big lower dir is not walked each time a
+            # whiteout or copy-up in it drops the cached count.
             prefix = path + "/" if path else ""
-            n = 2
-            for name, up in self._listdir(path):
+            e = self.idx.entries.get(path)
+            lower = (e is not None and e.kind == DIR and path not in self._opaque
+                     and not self._hidden(path))  # fmt: skip
+            n = self.idx.nlink[path] if lower else 2
+            entries = self.idx.entries
+            for name in self._kids.get(path, ()):
                 child = prefix + name
-                kind = self._up[child] if up else self.idx.entries[child].kind
-                if kind == DIR:
+                if self._up[child] == DIR:
                     n += 1
+                if lower:
+                    below = entries.get(child)
+                    if below is not None and below.kind == DIR:
+                        n -= 1  # covered by the upper entry: counted above if it is a dir
             self._nlinks[path] = n
         return n
 
