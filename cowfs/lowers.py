@@ -31,6 +31,7 @@ class LowerLayer(Protocol):
     """Where the content of one lower layer's regular files comes from."""
 
     def open(self, path: str, entry: Entry) -> Reader: ...
+    def known(self, entry: Entry) -> bool: ...  # open() of it succeeded before: may be deferred
     def copy_into(self, path: str, entry: Entry, fd: int) -> None: ...  # content at offset 0
     def close(self) -> None: ...
 
@@ -72,6 +73,9 @@ class DirLayer:
     def open(self, path: str, entry: Entry) -> Reader:
         return _FdReader(self.dir.open(path, os.O_RDONLY))
 
+    def known(self, entry: Entry) -> bool:
+        return False
+
     def close(self) -> None:
         self.dir.close()
 
@@ -81,6 +85,12 @@ class StoredLayer:
 
     def __init__(self, objects: Any) -> None:
         self.objects = objects
+        # (digest, size) pairs whose object opened and had that size: a later open of the
+        # same content can be deferred to its first read, which the page cache often spares.
+        self._sized: set[tuple[str, int]] = set()
+
+    def known(self, entry: Entry) -> bool:
+        return not entry.digest or (entry.digest, entry.size) in self._sized
 
     def copy_into(self, path: str, entry: Entry, fd: int) -> None:
         if entry.digest:
@@ -103,6 +113,7 @@ class StoredLayer:
             reader.close()
             raise Corruption(f"object {entry.digest} of /{path}: size {reader.size}, "
                              f"the layer says {entry.size}")  # fmt: skip
+        self._sized.add((entry.digest, entry.size))
         return reader
 
     def close(self) -> None:

@@ -98,7 +98,7 @@ class Handle:
 
     ino: int
     fd: int = -1
-    reader: Reader | None = None  # made on the first read (see UnionFS.open)
+    reader: Reader | None = None  # of a lower file; may wait for the first read (UnionFS.open)
     layer: LowerLayer | None = None  # where a lower handle's reader comes from
     lower_path: str = ""  # the path in that layer (`path` follows renames; this does not)
     entry: Entry | None = None  # lower metadata, for fstat of a lower handle
@@ -586,11 +586,14 @@ class UnionFS:
             nlink = self._lower_nlink(path, ino)
             # Lower content never changes under a handle; a hard-linked one may be copied up
             # through another alias, so only single-link files keep their cache across opens.
-            # The reader is made by the first read: an open whose reads the kernel's page
-            # cache answers (keep_cache) costs no I/O, and lower content is immutable, so
-            # opening it later gives the same bytes (a damaged object fails that read: EIO).
-            h = Handle(ino, entry=e, nlink=nlink, keep_cache=nlink == 1, path=path,
-                       layer=self.layers[self.idx.layer[path]], lower_path=path)  # fmt: skip
+            # Content the layer has opened before is opened again by the first read: a re-open
+            # whose reads the page cache answers (keep_cache) costs no I/O, and immutable
+            # content gives the same bytes later (damage since then fails that read: EIO).
+            # First opens stay eager, so a damaged or missing object is EIO at open.
+            layer = self.layers[self.idx.layer[path]]
+            reader = None if layer.known(e) else layer.open(path, e)
+            h = Handle(ino, reader=reader, entry=e, nlink=nlink, keep_cache=nlink == 1,
+                       path=path, layer=layer, lower_path=path)  # fmt: skip
             return self._add_handle(h), h.keep_cache
         if not in_upper:
             self._copy_up(path, data=not flags & os.O_TRUNC)
