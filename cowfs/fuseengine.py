@@ -17,10 +17,11 @@ requests for it are served from one of its open handles (fstat, fchmod, ftruncat
 .fuse_hidden names are needed.
 
 Kernel caching, and why it is safe (DESIGN decision 2: every change goes through this mount):
-long entry/attr timeouts; FOPEN_KEEP_CACHE for lower files of one name; FOPEN_CACHE_DIR +
-KEEP_CACHE on directories (the kernel drops a directory's cached listing itself whenever a
-create/unlink/rename through the mount changes it); cached symlinks; FLUSH answered ENOSYS once,
-so close() costs no request; readdirplus always, so a stat-walk needs no LOOKUP per entry.
+long entry/attr timeouts; FOPEN_KEEP_CACHE for lower files of one name; directories opened
+without OPENDIR (ENOSYS once), which the kernel caches as FOPEN_CACHE_DIR + KEEP_CACHE and drops
+itself whenever a create/unlink/rename through the mount changes them; cached symlinks; FLUSH
+answered ENOSYS once, so close() costs no request; readdirplus always, so a stat-walk needs no
+LOOKUP per entry.
 """
 
 from __future__ import annotations
@@ -115,8 +116,7 @@ class Engine:
         self._nodes: dict[int, _Node] = {P.ROOT_ID: root}
         self._names: dict[tuple[int, str], _Node] = {}
         self._next_id = P.ROOT_ID + 1
-        self._dirs: dict[int, list[tuple[str, dict[str, int]]]] = {}
-        self._next_dir = 1
+        self._dirs: dict[int, list[tuple[str, dict[str, int]]]] = {}  # node -> listing
         self._proto_minor = 0
         self._queue: queue.SimpleQueue[tuple[list[int], threading.Event] | None] = (
             queue.SimpleQueue()
@@ -134,7 +134,7 @@ class Engine:
             P.SETXATTR: self._setxattr, P.GETXATTR: self._getxattr,
             P.LISTXATTR: self._listxattr, P.REMOVEXATTR: self._removexattr,
             P.OPENDIR: self._opendir, P.READDIR: self._readdir,
-            P.READDIRPLUS: self._readdirplus, P.RELEASEDIR: self._releasedir,
+            P.READDIRPLUS: self._readdirplus,
             P.FSYNCDIR: self._fsyncdir, P.CREATE: self._create, P.INTERRUPT: self._interrupt,
             P.DESTROY: self._destroy, P.SYNCFS: self._syncfs,
         }  # fmt: skip
@@ -317,6 +317,7 @@ class Engine:
         node.nlookup -= n
         if node.nlookup <= 0 and node.id != P.ROOT_ID:
             del self._nodes[node.id]
+            self._dirs.pop(node.id, None)
             if node.parent and self._names.get((node.parent, node.name)) is node:
                 del self._names[(node.parent, node.name)]
 
@@ -563,23 +564,24 @@ class Engine:
     # -- handlers: directories ------------------------------------------------------------------
 
     def _opendir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
-        self._need_path(nid)
-        fh = self._next_dir
-        self._next_dir += 1
-        self._dirs[fh] = []
-        return P.OPEN_OUT.pack(fh, P.FOPEN_CACHE_DIR | P.FOPEN_KEEP_CACHE, 0)
+        # ENOSYS once: the kernel then opens directories without asking (no OPENDIR and no
+        # RELEASEDIR per directory) and keeps their listings cached as with FOPEN_CACHE_DIR +
+        # KEEP_CACHE. Safe by decision 2: a listing changes only by a create/unlink/rename/...
+        # through this mount, and the kernel drops a directory's cached listing on each.
+        raise OSError(errno.ENOSYS, "no opendir")
 
-    def _listing(self, nid: int, fh: int, offset: int) -> list[tuple[str, dict[str, int]]]:
-        """A directory's entries, read once per opendir (offset 0 again: rewinddir)."""
-        entries = self._dirs.get(fh)
-        if offset == 0 or entries is None or not entries:
+    def _listing(self, nid: int, offset: int) -> list[tuple[str, dict[str, int]]]:
+        """A directory's entries, read at offset 0 and kept for the reads that continue it
+        (requests carry no handle without OPENDIR; the kernel caches the result anyway)."""
+        entries = self._dirs.get(nid)
+        if offset == 0 or entries is None:
             entries = self.fs.readdir(self._need_path(nid))
-            self._dirs[fh] = entries
+            self._dirs[nid] = entries
         return entries
 
     def _readdir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
-        fh, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
-        entries = self._listing(nid, fh, offset)
+        _, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
+        entries = self._listing(nid, offset)
         out = []
         used = 0
         pack = P.DIRENT.pack
@@ -594,11 +596,13 @@ class Engine:
             out.append(pack(attrs["st_ino"], i + 1, len(raw), (mode & _S_IFMT) >> 12) + raw
                        + b"\0" * pad)  # fmt: skip
             used += rec + pad
+        if not out:
+            self._dirs.pop(nid, None)  # the end of the listing
         return b"".join(out)
 
     def _readdirplus(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
-        fh, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
-        entries = self._listing(nid, fh, offset)
+        _, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
+        entries = self._listing(nid, offset)
         out = []
         used = 0
         pack = P.DIRENT.pack
@@ -617,12 +621,9 @@ class Engine:
             out.append(entry + pack(attrs["st_ino"], i + 1, len(raw), (mode & _S_IFMT) >> 12)
                        + raw + b"\0" * pad)  # fmt: skip
             used += rec + pad
+        if not out:
+            self._dirs.pop(nid, None)  # the end of the listing
         return b"".join(out)
-
-    def _releasedir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
-        fh = P.RELEASE_IN.unpack_from(body)[0]
-        self._dirs.pop(fh, None)
-        return b""
 
     def _fsyncdir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
         path = self._path(nid)
