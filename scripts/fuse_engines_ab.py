@@ -114,7 +114,11 @@ def run_once(system: str, data: Path, only: set[str], small: list[str]) -> dict[
         pid = proc.pid
     else:
         os.environ["COWFS_FUSE_ENGINE"] = system  # the daemon inherits it
-        pid = mounting.mount(Store(data / "store"), "bench:latest", mnt, upper, work)
+        try:
+            pid = mounting.mount(Store(data / "store"), "bench:latest", mnt, upper, work)
+        except BaseException:
+            shutil.rmtree(base)
+            raise
     out = {}
     try:
         os.stat(mnt / "etc")
