@@ -468,7 +468,6 @@ class ObjectStore:
         if loc is None:
             with self._index_lock:
                 if self._loc is None:
-                    self._loc = {}
                     self._load_packs()
                 loc = self._loc
         return loc
@@ -539,13 +538,17 @@ class ObjectStore:
                      if n.endswith(PACK_SUFFIX)}  # fmt: skip
         except FileNotFoundError:
             names = set()
-        assert self._loc is not None
-        gone = [n for n in self._pack_digests if n not in names]
-        if gone:  # rare (gc repacked): rebuild, keeping the fds (a reader may be using one)
-            self._loc = {}
-            self._pack_digests = {}
+        # A first load, or a rebuild when packs are gone (rare: gc repacked), fills a new dict
+        # that is published whole: other threads read self._loc without the lock, and a
+        # half-filled index would answer "missing" for a packed object. New packs are added
+        # to the live dict in place, which readers may see entry by entry. The fds are kept
+        # either way (a reader may be using one).
+        rebuild = self._loc is None or any(n not in names for n in self._pack_digests)
+        loc = {} if rebuild else self._loc
+        digests = {} if rebuild else self._pack_digests
+        assert loc is not None
         for name in sorted(names):
-            if name in self._pack_digests or name in self.damaged_packs:
+            if name in digests or name in self.damaged_packs:
                 continue
             # Opened to read the index only: a process that reads objects opens the packs it
             # reads from (a store may hold more packs than a daemon should keep open).
@@ -560,14 +563,13 @@ class ObjectStore:
                 continue
             finally:
                 os.close(fd)
-            self._add_pack(name, entries)
+            _merge_pack(loc, digests, name, entries)
+        self._loc, self._pack_digests = loc, digests
 
     def _add_pack(self, name: str, entries: list[tuple[bytes, int, int]]) -> None:
         loc = self._index()
         with self._index_lock:
-            for key, off, length in entries:
-                loc.setdefault(key, (name, off, length))
-            self._pack_digests[name] = [k for k, _, _ in entries]
+            _merge_pack(loc, self._pack_digests, name, entries)
 
     def _pack_fd(self, name: str) -> int:
         fd = self._pack_fds.get(name)
@@ -906,6 +908,15 @@ _PACK_ENTRY = struct.Struct("<16sQI")
 _SCAN_LOOKUPS = 64  # lookups answered by ObjectStore._scan before the merged index is built
 _PACK_FOOTER = struct.Struct("<QIQ8s")
 _PACK_MAGIC = b"COWPACK1"
+
+
+def _merge_pack(loc: dict[bytes, tuple[str, int, int]], digests: dict[str, list[bytes]],
+                name: str, entries: list[tuple[bytes, int, int]]) -> None:  # fmt: skip
+    """Add one pack's index to a merged index: the first pack (in name order) holding a digest
+    answers for it."""
+    for key, off, length in entries:
+        loc.setdefault(key, (name, off, length))
+    digests[name] = [k for k, _, _ in entries]
 
 
 def read_pack_index(fd: int, name: str) -> list[tuple[bytes, int, int]]:
