@@ -580,46 +580,37 @@ class Engine:
         return entries
 
     def _readdir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
-        _, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
-        entries = self._listing(nid, offset)
-        out = []
-        used = 0
-        pack = P.DIRENT.pack
-        for i in range(offset, len(entries)):
-            name, attrs = entries[i]
-            raw = os.fsencode(name)
-            rec = 24 + len(raw)
-            pad = -rec & 7
-            if used + rec + pad > size:
-                break
-            mode = attrs["st_mode"]
-            out.append(pack(attrs["st_ino"], i + 1, len(raw), (mode & _S_IFMT) >> 12) + raw
-                       + b"\0" * pad)  # fmt: skip
-            used += rec + pad
-        if not out:
-            self._dirs.pop(nid, None)  # the end of the listing
-        return b"".join(out)
+        return self._dirents(nid, body, plus=False)
 
     def _readdirplus(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        return self._dirents(nid, body, plus=True)
+
+    def _dirents(self, nid: int, body: memoryview, *, plus: bool) -> bytes:
+        """The records of a READDIR (fuse_dirent) or READDIRPLUS (a fuse_entry_out before each
+        fuse_dirent) that fit in the request's size, from its offset on."""
         _, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
         entries = self._listing(nid, offset)
         out = []
         used = 0
+        head = 128 if plus else 0
         pack = P.DIRENT.pack
         for i in range(offset, len(entries)):
             name, attrs = entries[i]
             raw = os.fsencode(name)
-            rec = 128 + 24 + len(raw)
+            rec = head + 24 + len(raw)
             pad = -rec & 7
             if used + rec + pad > size:
                 break
             mode = attrs["st_mode"]
-            if name == "." or name == "..":
-                entry = bytes(128)  # the kernel looks up neither: no node
-            else:
-                entry = self._entry(nid, name, attrs)
-            out.append(entry + pack(attrs["st_ino"], i + 1, len(raw), (mode & _S_IFMT) >> 12)
-                       + raw + b"\0" * pad)  # fmt: skip
+            dirent = pack(attrs["st_ino"], i + 1, len(raw), (mode & _S_IFMT) >> 12) + raw
+            if plus:
+                # The entry makes a node (a lookup count): only for records that are sent.
+                if name == "." or name == "..":
+                    entry = bytes(128)  # the kernel looks up neither: no node
+                else:
+                    entry = self._entry(nid, name, attrs)
+                dirent = entry + dirent
+            out.append(dirent + b"\0" * pad)
             used += rec + pad
         if not out:
             self._dirs.pop(nid, None)  # the end of the listing
