@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import struct
 
 from cowfs.errors import CowfsError
 
@@ -18,6 +20,9 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 READ_AHEAD_KB = 1024  # see raise_readahead
+# linux/fuse.h: _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t)
+_BACKING_OPEN = 0x4010E501
+_BACKING_CLOSE = 0x4004E502
 
 # The process's own libc (not find_library: that runs `ldconfig -p`, tens of ms of a start).
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -106,3 +111,12 @@ def raise_readahead(target: str) -> None:
                 f.write(str(READ_AHEAD_KB))
     except OSError:
         pass  # not root, or unmounted already: the kernel's default stays
+
+
+def backing_open(dev: int, fd: int) -> int:
+    """Register host file `fd` with the FUSE connection `dev` for passthrough; its id."""
+    return fcntl.ioctl(dev, _BACKING_OPEN, bytearray(struct.pack("<iIQ", fd, 0, 0)), True)
+
+
+def backing_close(dev: int, backing_id: int) -> None:
+    fcntl.ioctl(dev, _BACKING_CLOSE, bytearray(struct.pack("<I", backing_id)), True)

@@ -61,7 +61,7 @@ class _Stop(BaseException):
 
 
 class _Node:
-    __slots__ = ("id", "parent", "name", "nlookup", "fhs")
+    __slots__ = ("id", "parent", "name", "nlookup", "fhs", "backing", "direct")
 
     def __init__(self, nid: int, parent: int, name: str) -> None:
         self.id = nid
@@ -69,6 +69,12 @@ class _Node:
         self.name = name
         self.nlookup = 0
         self.fhs: list[int] = []
+        # Passthrough: the kernel allows one backing file per inode and refuses a cached open
+        # while it has passthrough opens (ETXTBSY) or the reverse. So the first open decides:
+        # passthrough only when no other handle is open, and then every later open shares the
+        # backing id until the last of them is released.
+        self.backing = 0
+        self.direct: set[int] = set()  # the handles opened in passthrough
 
 
 def _attr(a: dict[str, int]) -> tuple[int, ...]:
@@ -102,6 +108,7 @@ class Engine:
         mountpoint: str,
         *,
         writeback: bool = False,
+        passthrough: bool = True,
         debug: bool = False,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
@@ -109,6 +116,7 @@ class Engine:
         self.fd = fd
         self.mountpoint = mountpoint
         self.writeback = writeback
+        self.passthrough = passthrough  # until INIT: asked for; after: granted by the kernel
         self.debug = debug
         self.on_ready = on_ready
         root = _Node(P.ROOT_ID, 0, "")
@@ -354,10 +362,19 @@ class Engine:
                 | P.INIT_EXT)  # fmt: skip
         if self.writeback:
             want |= P.WRITEBACK_CACHE
+        elif self.passthrough and os.geteuid() == 0:
+            # Reads and writes of upper files then go from the kernel to the host file, as in
+            # kernel overlayfs (registering a backing file needs CAP_SYS_ADMIN; the kernel
+            # refuses passthrough with the writeback cache).
+            want |= P.PASSTHROUGH
         got = flags & want
+        self.passthrough = bool(got & P.PASSTHROUGH)
+        # Stack depth 1: backing files on a disk filesystem (an upper on overlayfs is served
+        # without passthrough), and cowfs itself can still be a lower of kernel overlayfs.
         out = P.INIT_OUT.pack(P.KERNEL_VERSION, min(minor, P.KERNEL_MINOR),
                               max_readahead, got & 0xFFFFFFFF,
-                              16, 12, MAX_WRITE, 1, MAX_PAGES, 0, got >> 32, 0)  # fmt: skip
+                              16, 12, MAX_WRITE, 1, MAX_PAGES, 0, got >> 32,
+                              1 if self.passthrough else 0)  # fmt: skip
         threading.Thread(target=self._ready, name="cowfs-ready", daemon=True).start()
         return out
 
@@ -522,8 +539,29 @@ class Engine:
     def _open(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
         flags, _ = P.OPEN_IN.unpack_from(body)
         fh, keep = self.fs.open(self._need_path(nid), flags)
-        self._nodes[nid].fhs.append(fh)
+        node = self._nodes[nid]
+        backing = self._backing(node, fh)
+        node.fhs.append(fh)
+        if backing:
+            return P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH, backing)
         return P.OPEN_OUT.pack(fh, P.FOPEN_KEEP_CACHE if keep else 0, 0)
+
+    def _backing(self, node: _Node, fh: int) -> int:
+        """The passthrough backing id for a new handle `fh` of `node`, or 0 (see _Node)."""
+        if not self.passthrough or (node.fhs and not node.backing):
+            return 0
+        if not node.backing:
+            fd = self.fs.passthrough_fd(fh)
+            if fd < 0:
+                return 0
+            try:
+                node.backing = fusedev.backing_open(self.fd, fd)
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):
+                    self.passthrough = False  # not for this connection at all
+                return 0  # e.g. EINVAL: a host filesystem stacked too deep; served by us
+        node.direct.add(fh)
+        return node.backing
 
     def _create(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
         flags, mode, _, _ = P.CREATE_IN.unpack_from(body)
@@ -535,10 +573,12 @@ class Engine:
         except BaseException:
             self.fs.release(fh)
             raise
-        self._names[(nid, name)].fhs.append(fh)
-        return entry + P.OPEN_OUT.pack(fh, 0, 0)
+        node = self._names[(nid, name)]
+        backing = self._backing(node, fh)
+        node.fhs.append(fh)
+        return entry + P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH if backing else 0, backing)
 
-    def _read(self, nid: int, uid: int, gid: int, body: memoryview) -> list[bytes]:
+    def _read(self, nid: int, uid: int, gid: int, body: memoryview) -> list[bytes | memoryview]:
         fh, offset, size, _, _, _, _ = P.READ_IN.unpack_from(body)
         return [self.fs.read(fh, size, offset)]
 
@@ -553,6 +593,11 @@ class Engine:
         node = self._nodes.get(nid)
         if node is not None and fh in node.fhs:
             node.fhs.remove(fh)
+            if fh in node.direct:
+                node.direct.discard(fh)
+                if not node.direct:
+                    backing, node.backing = node.backing, 0
+                    fusedev.backing_close(self.fd, backing)
         self.fs.release(fh)
         return b""
 
@@ -664,7 +709,10 @@ def serve(fs: UnionFS, mountpoint: str, *, fsname: str = "cowfs", read_only: boo
         allow_other = os.geteuid() == 0
     target = os.path.realpath(mountpoint)  # before the mount: afterwards it would ask us
     fd = fusedev.open_mount(target, fsname=fsname, read_only=read_only, allow_other=allow_other)
-    engine = Engine(fs, fd, target, writeback=writeback, debug=debug, on_ready=on_ready)
+    # COWFS_PASSTHROUGH=0 serves upper files through the daemon too (for A/B measurements).
+    passthrough = os.environ.get("COWFS_PASSTHROUGH", "1") != "0"
+    engine = Engine(fs, fd, target, writeback=writeback, passthrough=passthrough, debug=debug,
+                    on_ready=on_ready)  # fmt: skip
     try:
         engine.stop_on_signals()
         engine.run()

@@ -271,7 +271,8 @@ class Operations(mfusepy.Operations):
         return 0
 
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
-        return self.fs.read(fi.fh, size, offset)
+        data = self.fs.read(fi.fh, size, offset)
+        return data if isinstance(data, bytes) else bytes(data)  # mfusepy memmoves from bytes
 
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
         return self.fs.write(fi.fh, data, offset)

@@ -773,7 +773,7 @@ class _ObjectStream(io.RawIOBase):
             size = self.reader.size - self.pos
         data = self.reader.pread(min(size, _CHUNK), self.pos)
         self.pos += len(data)
-        return data
+        return data if isinstance(data, bytes) else bytes(data)
 
     def close(self) -> None:
         self.reader.close()

@@ -643,7 +643,7 @@ class UnionFS:
         os.fchmod(fd, mode)
         return st
 
-    def read(self, fh: int, size: int, offset: int) -> bytes:
+    def read(self, fh: int, size: int, offset: int) -> bytes | memoryview:
         h = self._handle(fh)
         if h.fd >= 0:
             return os.pread(h.fd, size, offset)
@@ -670,6 +670,14 @@ class UnionFS:
                 others = self._others(h.path, h.host_ino)
             self._changed(others)
         return n
+
+    def passthrough_fd(self, fh: int) -> int:
+        """The host fd the kernel may read and write directly for handle `fh` (FUSE
+        passthrough), or -1. Only an upper file of one name qualifies: lower content is
+        verified on every read (DESIGN decision 4), and a write to a hard-linked file must
+        reach write() so the kernel's caches of its other names are dropped."""
+        h = self._handle(fh)
+        return h.fd if h.fd >= 0 and h.host_ino is None else -1
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)

@@ -10,11 +10,13 @@ import errno
 import mmap
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -684,3 +686,112 @@ def test_an_unknown_fuse_engine_is_a_one_line_error(
     assert "COWFS_FUSE_ENGINE=nope: not one of" in exc.value.message
     assert "\n" not in exc.value.message
     assert not mounting.is_mounted(tmp_path / "m")
+
+
+# -- FUSE passthrough (native engine) ------------------------------------------------------------
+
+
+def _finishes(fn: Callable[[], object], seconds: float) -> bool:
+    """Whether fn() returns within `seconds` (it keeps running in its thread otherwise)."""
+    done = threading.Event()
+
+    def run() -> None:
+        fn()
+        done.set()
+
+    threading.Thread(target=run, daemon=True, name="probe").start()
+    return done.wait(seconds)
+
+
+def _join_probes() -> None:
+    for t in threading.enumerate():
+        if t.name == "probe":
+            t.join(10)
+
+
+@pytest.mark.parametrize("passthrough", ["1", "0"])
+def test_upper_files_are_read_and_written_by_the_kernel_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passthrough: str
+) -> None:
+    """An upper file's reads and writes go from the kernel to the host file (FUSE passthrough):
+    its reads go on while the daemon is stopped. With COWFS_PASSTHROUGH=0 the same read waits
+    for the daemon, which shows the check can fail. Lower files never pass through: their reads
+    are verified by the daemon. (A write still asks the daemon one thing first, the kernel's
+    security.capability check, so it is not the probe.)"""
+    need_fuse()
+    monkeypatch.setenv("COWFS_FUSE_ENGINE", "native")
+    monkeypatch.setenv("COWFS_PASSTHROUGH", passthrough)
+    lowers = _build_lowers(tmp_path)
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for p in (upper, work, mnt):
+        p.mkdir()
+    pid = mounting.mount_dirs([str(d) for d in lowers], mnt, upper, work)
+    fds: list[int] = []
+    try:
+        new = os.open(mnt / "new", os.O_RDWR | os.O_CREAT, 0o644)  # CREATE
+        fds.append(new)
+        copied = os.open(mnt / "d/a", os.O_RDWR)  # OPEN with copy-up
+        fds.append(copied)
+        lower = os.open(mnt / "d/sub/deep", os.O_RDONLY)
+        fds.append(lower)
+        assert os.pwrite(new, b"direct", 0) == 6
+        assert os.pwrite(copied, b"L", 0) == 1
+        # Opened again: without passthrough an upper file's open drops its page cache, so the
+        # reads below must reach the daemon.
+        new2 = os.open(mnt / "new", os.O_RDONLY)
+        fds.append(new2)
+        copied2 = os.open(mnt / "d/a", os.O_RDONLY)
+        fds.append(copied2)
+        got: list[bytes] = []
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            read = _finishes(lambda: got.extend((os.pread(new2, 6, 0), os.pread(copied2, 8, 0))),
+                             2.0 if passthrough == "1" else 0.5)  # fmt: skip
+            assert read == (passthrough == "1")
+            assert not _finishes(lambda: os.pread(lower, 5, 0), 0.3)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            _join_probes()  # before their fds are closed
+        assert os.pread(lower, 5, 0) == b"deep\n"
+        assert os.pread(new, 6, 0) == b"direct"
+        assert os.pread(copied, 8, 0) == b"Lower a\n"
+        assert (upper / "new").read_bytes() == b"direct"
+        assert (upper / "d/a").read_text() == "Lower a\n"
+        assert os.fstat(new).st_size == os.stat(mnt / "new").st_size == 6
+    finally:
+        for fd in fds:
+            os.close(fd)
+        mounting.umount(mnt)
+
+
+def test_passthrough_and_cached_opens_of_one_file_mix(union: Union) -> None:
+    """The kernel refuses a cached open of a file with passthrough opens and the reverse
+    (ETXTBSY); the daemon picks the mode per file so that every open of every order works."""
+    # A lower file open for reading (cached), then opened for writing: copy-up, no passthrough.
+    with open(union.m("d/sub/deep"), "rb") as r:
+        assert r.read(2) == b"de"
+        with open(union.m("d/sub/deep"), "ab") as w:
+            w.write(b"more\n")
+        with open(union.m("d/sub/deep"), "rb") as again:
+            assert again.read() == b"deep\nmore\n"
+    # An upper file open for writing (passthrough), then opened again and mapped.
+    with open(union.m("fresh"), "wb+") as w:
+        w.write(b"a" * 8192)
+        w.flush()
+        with open(union.m("fresh"), "r+b") as r, mmap.mmap(r.fileno(), 8192) as m:
+            m[0:4] = b"bbbb"
+            m.flush()
+            assert os.pread(w.fileno(), 4, 0) == b"bbbb"
+            w.seek(4)
+            w.write(b"cc")
+            w.flush()
+            assert m[4:6] == b"cc"
+    # Once all are closed, a cached open is possible again, and so is the next passthrough one.
+    with open(union.m("fresh"), "rb") as r:
+        assert r.read(6) == b"bbbbcc"
+    # Hard links: a write through one name is seen through the other, open at the same time.
+    os.link(union.m("fresh"), union.m("fresh2"))
+    with open(union.m("fresh"), "r+b", buffering=0) as a, open(union.m("fresh2"), "rb") as b:
+        assert os.pread(b.fileno(), 4, 0) == b"bbbb"
+        a.write(b"zzzz")
+        assert os.pread(b.fileno(), 4, 0) == b"zzzz"
