@@ -27,7 +27,6 @@ LOOKUP per entry.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import queue
 import signal
@@ -41,8 +40,6 @@ from cowfs import fuseproto as P
 from cowfs.errors import CowfsError
 from cowfs.fusedev import raise_readahead
 from cowfs.unionfs import UTIME_NOW, UTIME_OMIT, Owner, UnionFS
-
-log = logging.getLogger("cowfs.fuse")
 
 CACHE_TIMEOUT = int(fuse.CACHE_TIMEOUT)  # seconds: see DESIGN decision 2
 INVALIDATE_WAIT = 0.2  # seconds; normally done in microseconds
@@ -189,7 +186,7 @@ class Engine:
                     except OSError as exc:
                         code = exc.errno
                         if not isinstance(code, int) or code <= 0:
-                            log.exception("FUSE %s failed", P.OPCODE_NAMES.get(opcode))
+                            fuse.log_failure(P.OPCODE_NAMES.get(opcode))
                             code = errno.EIO
                         error = -code
                     except CowfsError as exc:
@@ -197,7 +194,7 @@ class Engine:
                     except _Stop:
                         raise
                     except Exception:
-                        log.exception("FUSE %s failed", P.OPCODE_NAMES.get(opcode))
+                        fuse.log_failure(P.OPCODE_NAMES.get(opcode))
                         error = -errno.EIO
                 if out is _NO_REPLY:
                     continue

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
-import logging
 import os
 import queue
 import threading
@@ -36,11 +35,9 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would pick libfus
 import mfusepy  # noqa: E402
 
 from cowfs.errors import CowfsError  # noqa: E402
-from cowfs.fuse import CACHE_TIMEOUT  # noqa: E402
+from cowfs.fuse import CACHE_TIMEOUT, log_failure  # noqa: E402
 from cowfs.fusedev import raise_readahead  # noqa: E402
 from cowfs.unionfs import Owner, UnionFS  # noqa: E402
-
-log = logging.getLogger("cowfs.fuse")
 
 INVALIDATE_WAIT = 0.2  # seconds; normally done in microseconds
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
@@ -69,14 +66,14 @@ class _CowfsFUSE(mfusepy.FUSE):
         except OSError as exc:
             if isinstance(exc.errno, int) and exc.errno > 0:
                 return -exc.errno
-            log.exception("FUSE %s failed", getattr(func, "__name__", func))
+            log_failure(getattr(func, "__name__", func))
             return -errno.EIO
         except CowfsError as exc:
             return -exc.errno
         except Exception:
             if getattr(func, "__name__", "").startswith("init"):
                 raise
-            log.exception("FUSE %s failed", getattr(func, "__name__", func))
+            log_failure(getattr(func, "__name__", func))
             return -errno.EIO
         except BaseException as exc:
             # As mfusepy does: a SystemExit or KeyboardInterrupt stops the loop and is raised

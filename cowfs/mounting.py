@@ -160,11 +160,8 @@ _DAEMONS: dict[int, subprocess.Popen] = {}
 def _daemon_main(spec: dict[str, Any], errors: list[str] | None = None) -> int:
     """Build the filesystem and serve it until unmounted. Why it could not start goes to the
     ready pipe (background daemon) and to `errors` (foreground)."""
-    import logging
-
     from cowfs.fuse import serve
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     ready_fd = spec["ready_fd"]
     os.umask(0)  # modes are set explicitly on every created entry
     try:

@@ -795,3 +795,16 @@ def test_passthrough_and_cached_opens_of_one_file_mix(union: Union) -> None:
         assert os.pread(b.fileno(), 4, 0) == b"bbbb"
         a.write(b"zzzz")
         assert os.pread(b.fileno(), 4, 0) == b"zzzz"
+
+
+def test_an_unexpected_handler_failure_is_logged_with_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from cowfs import fuse
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        fuse.log_failure("READ")
+    assert "FUSE READ failed" in caplog.text
+    assert "ValueError: boom" in caplog.text
