@@ -391,10 +391,13 @@ def cowfs_fuse_options() -> str:
         engine = fuse.engine(threads is True)
     except (ImportError, AttributeError, KeyError) as exc:
         return f"(FUSE settings unknown: {exc})"
+    passthrough = ""
+    if engine == "native" and os.environ.get("COWFS_PASSTHROUGH", "1") != "0":
+        passthrough = "passthrough for upper files, "
     return (
         f"FUSE settings from cowfs/fuse.py: {engine} engine, entry/attr/negative timeouts "
         f"{timeout}, use_ino, keep_cache on lower files, readdirplus, 1 MiB readahead; "
-        f"threads={threads}, writeback cache={writeback} (mounting.mount defaults)"
+        f"{passthrough}threads={threads}, writeback cache={writeback} (mounting.mount defaults)"
     )
 
 

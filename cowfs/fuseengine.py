@@ -22,6 +22,13 @@ without OPENDIR (ENOSYS once), which the kernel caches as FOPEN_CACHE_DIR + KEEP
 itself whenever a create/unlink/rename through the mount changes them; cached symlinks; FLUSH
 answered ENOSYS once, so close() costs no request; readdirplus always, so a stat-walk needs no
 LOOKUP per entry.
+
+FUSE passthrough (as root, kernel >= 6.9): an open of an upper file of one name is answered with
+a backing id of its host file, and the kernel then reads and writes that file itself, as kernel
+overlayfs does; measured on a 512 MiB file, a write went from 0.95 s to 0.54 s and a re-read
+from the host's page cache from 0.26 s to 0.06 s. Lower files are never passed through (every
+read of an object is verified, DESIGN decision 4), nor hard-linked upper files (a write must
+reach UnionFS.write to drop the other names' caches). See _Node for the one-mode-per-inode rule.
 """
 
 from __future__ import annotations
