@@ -65,7 +65,8 @@ class _Stop(BaseException):
 
 
 class _Node:
-    __slots__ = ("id", "parent", "name", "nlookup", "fhs", "backing", "direct")
+    __slots__ = ("id", "parent", "name", "nlookup", "fhs", "backing", "direct", "no_xattr",
+                 "xgen")  # fmt: skip
 
     def __init__(self, nid: int, parent: int, name: str) -> None:
         self.id = nid
@@ -79,6 +80,10 @@ class _Node:
         # backing id until the last of them is released.
         self.backing = 0
         self.direct: set[int] = set()  # the handles opened in passthrough
+        # xattr names known to be absent (ENODATA), valid while xgen is the engine's: `ls -l`
+        # asks for security.selinux and system.posix_acl_access of every file, every time.
+        self.no_xattr: set[bytes] | None = None
+        self.xgen = 0
 
 
 def _attr(a: dict[str, int]) -> tuple[int, ...]:
@@ -135,6 +140,7 @@ class Engine:
         )
         self._waiting = False
         self._stop = False
+        self._xgen = 1  # bumped by every setxattr/removexattr: see _Node.no_xattr
         self._handlers: dict[int, Callable[[int, int, int, memoryview], Any]] = {
             P.INIT: self._init, P.LOOKUP: self._lookup, P.FORGET: self._forget,
             P.BATCH_FORGET: self._batch_forget, P.GETATTR: self._getattr,
@@ -190,6 +196,8 @@ class Engine:
                 else:
                     try:
                         out = handler(nodeid, uid, gid, mv[40:n])
+                        if type(out) is int:  # an error answered without raising
+                            error, out = out, b""
                     except OSError as exc:
                         code = exc.errno
                         if not isinstance(code, int) or code <= 0:
@@ -601,7 +609,10 @@ class Engine:
                 node.direct.discard(fh)
                 if not node.direct:
                     backing, node.backing = node.backing, 0
-                    fusedev.backing_close(self.fd, backing)
+                    try:
+                        fusedev.backing_close(self.fd, backing)
+                    except OSError:
+                        pass  # the kernel forgot it already: nothing is held either way
         self.fs.release(fh)
         return b""
 
@@ -673,10 +684,24 @@ class Engine:
 
     # -- handlers: xattrs -----------------------------------------------------------------------
 
-    def _getxattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+    def _getxattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes | int:
         size, _ = P.GETXATTR_IN.unpack_from(body)
-        name = _name(body, P.GETXATTR_IN.size)
-        value = self.fs.getxattr(self._need_path(nid), name)
+        raw = bytes(body[P.GETXATTR_IN.size :])
+        name = raw[: raw.index(b"\0")]
+        node = self._nodes.get(nid)
+        known = node.no_xattr if node is not None and node.xgen == self._xgen else None
+        if known is not None and name in known:
+            return -errno.ENODATA
+        value = self.fs.xattr(self._need_path(nid), os.fsdecode(name))
+        if value is None:
+            # Absent stays absent until an xattr is set anywhere (a hard link's other names
+            # are other nodes; every change of an xattr goes through here, DESIGN decision 2).
+            if node is not None:
+                if known is None:
+                    known = node.no_xattr = set()
+                    node.xgen = self._xgen
+                known.add(name)
+            return -errno.ENODATA
         return self._sized(value, size)
 
     def _listxattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
@@ -693,6 +718,7 @@ class Engine:
         return value
 
     def _setxattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        self._xgen += 1
         size, flags = P.SETXATTR_IN.unpack_from(body)
         raw = bytes(body[P.SETXATTR_IN.size :])
         end = raw.index(b"\0")
@@ -701,6 +727,7 @@ class Engine:
         return b""
 
     def _removexattr(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
+        self._xgen += 1
         self.fs.removexattr(self._need_path(nid), _name(body))
         return b""
 

@@ -511,18 +511,28 @@ class UnionFS:
             return self.upper.readlink(path)
         return self.idx.entries[path].target
 
-    @_locked
     def getxattr(self, path: str, name: str) -> bytes:
-        in_upper, _ = self._need(path)
-        if name.startswith(_COWFS_XATTRS):
-            raise err(errno.ENODATA, name)
-        if in_upper:
-            assert self.upper is not None
-            return self.upper.getxattr(path, _host_xattr(name))
-        value = (self.idx.entries[path].xattrs or {}).get(name)
+        value = self.xattr(path, name)
         if value is None:
             raise err(errno.ENODATA, name)
         return value
+
+    @_locked
+    def xattr(self, path: str, name: str) -> bytes | None:
+        """getxattr, with None for an absent attribute: the common answer (`ls -l` asks for
+        two of every file) costs no exception."""
+        in_upper, _ = self._need(path)
+        if name.startswith(_COWFS_XATTRS):
+            return None
+        if in_upper:
+            assert self.upper is not None
+            try:
+                return self.upper.getxattr(path, _host_xattr(name))
+            except OSError as exc:
+                if exc.errno == errno.ENODATA:
+                    return None
+                raise
+        return (self.idx.entries[path].xattrs or {}).get(name)
 
     @_locked
     def listxattr(self, path: str) -> list[str]:

@@ -834,3 +834,36 @@ def test_an_unexpected_handler_failure_is_logged_with_its_traceback(
         fuse.log_failure("READ")
     assert "FUSE READ failed" in caplog.text
     assert "ValueError: boom" in caplog.text
+
+
+def _absent(path: str, name: str = "user.k") -> bool:
+    try:
+        os.getxattr(path, name, follow_symlinks=False)
+    except OSError as exc:
+        return exc.errno == errno.ENODATA
+    return False
+
+
+def test_an_xattr_found_absent_is_seen_once_set_through_any_name(union: Union) -> None:
+    """The native engine remembers absent xattrs (ls -l asks for two per file, every time);
+    setting one anywhere, through a hard link's other name too, must show at once."""
+    deep = union.m("d/sub/deep")
+    assert _absent(deep) and _absent(deep)
+    os.setxattr(deep, "user.k", b"v")
+    assert os.getxattr(deep, "user.k") == b"v"
+    os.removexattr(deep, "user.k")
+    assert _absent(deep)
+    Path(union.m("hl1")).write_text("x")
+    os.link(union.m("hl1"), union.m("hl2"))
+    assert _absent(union.m("hl2"))
+    os.setxattr(union.m("hl1"), "user.k", b"w")
+    assert os.getxattr(union.m("hl2"), "user.k") == b"w"
+    Path(union.m("r1")).write_text("1")
+    Path(union.m("r2")).write_text("2")
+    os.setxattr(union.m("r2"), "user.k", b"r2")
+    assert _absent(union.m("r1"))
+    os.rename(union.m("r2"), union.m("r1"))
+    assert os.getxattr(union.m("r1"), "user.k") == b"r2"
+    os.unlink(union.m("r1"))
+    Path(union.m("r1")).write_text("again")
+    assert _absent(union.m("r1"))
