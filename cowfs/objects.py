@@ -211,7 +211,7 @@ class ObjectReader:
 
     def pread(self, size: int, offset: int) -> bytes | memoryview:
         """Up to `size` bytes at `offset` (fewer only at the end of the object); a big read of
-        a raw object comes as a memoryview of a fresh buffer, to save a copy."""
+        a loose raw object comes as a read-only memoryview of the object's map, to save a copy."""
         if offset >= self.size or size <= 0:
             return b""
         end = min(self.size, offset + size)
