@@ -60,6 +60,9 @@ MAX_PAGES = MAX_WRITE // 4096
 # requests, 50-200 µs all do), none with one, where it would take the client's CPU.
 SPIN_NS = int(os.environ.get("COWFS_SPIN_US",
                              "100" if len(os.sched_getaffinity(0)) > 1 else "0")) * 1000
+# Small files read whole at their first open and stored in the page cache (Engine._prefill);
+# COWFS_PREFILL_KIB=0 turns it off.
+PREFILL_MAX = int(os.environ.get("COWFS_PREFILL_KIB", "256")) << 10
 BUFSIZE = MAX_WRITE + (1 << 16)  # a write's data plus its headers, or a 64 KiB xattr value
 
 _NO_REPLY = object()
@@ -74,7 +77,7 @@ class _Stop(BaseException):
 
 class _Node:
     __slots__ = ("id", "parent", "name", "nlookup", "fhs", "backing", "direct", "no_xattr",
-                 "xgen")  # fmt: skip
+                 "xgen", "filled")  # fmt: skip
 
     def __init__(self, nid: int, parent: int, name: str) -> None:
         self.id = nid
@@ -92,6 +95,7 @@ class _Node:
         # asks for security.selinux and system.posix_acl_access of every file, every time.
         self.no_xattr: set[bytes] | None = None
         self.xgen = 0
+        self.filled = False  # its whole content was stored in the kernel's page cache (_open)
 
 
 def _attr(a: dict[str, int]) -> tuple[int, ...]:
@@ -596,11 +600,35 @@ class Engine:
         flags, _ = P.OPEN_IN.unpack_from(body)
         fh, keep = self.fs.open(self._need_path(nid), flags)
         node = self._nodes[nid]
+        if keep and not node.filled and not node.fhs and PREFILL_MAX:
+            self._prefill(node, fh)
         backing = self._backing(node, fh)
         node.fhs.append(fh)
         if backing:
             return P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH, backing)
         return P.OPEN_OUT.pack(fh, P.FOPEN_KEEP_CACHE if keep else 0, 0)
+
+    def _prefill(self, node: _Node, fh: int) -> None:
+        """Store the whole content of a small file opened for the first time in the kernel's
+        page cache (NOTIFY_STORE) before the open is answered, with FOPEN_KEEP_CACHE: the
+        reads that follow find it there, and the READ round trip of a typical small-file read
+        (open, read, close) is saved.
+
+        Safe from this loop: the store locks the file's pages, and only a READ of an open
+        handle of this inode could hold one while waiting for us; there is none (`node.fhs`
+        is empty, and in the kernel a file is closed before its RELEASE reaches us). The
+        content is read and verified as a READ would (a damaged object is EIO at open, as
+        an eager first open already is)."""
+        data = self.fs.small_content(fh, PREFILL_MAX)
+        if not data:
+            return
+        msg = P.NOTIFY_STORE_OUT.pack(node.id, 0, len(data), 0)
+        try:
+            os.writev(self.fd, [P.OUT_HEADER.pack(16 + len(msg) + len(data), P.NOTIFY_STORE, 0),
+                                msg, data])  # fmt: skip
+        except OSError:
+            return  # e.g. ENOENT: the kernel forgot the inode; its READs will come instead
+        node.filled = True
 
     def _backing(self, node: _Node, fh: int) -> int:
         """The passthrough backing id for a new handle `fh` of `node`, or 0 (see _Node)."""

@@ -65,6 +65,7 @@ FSYNC_FDATASYNC = 1 << 0
 
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
+NOTIFY_STORE = 4
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
@@ -103,6 +104,7 @@ FORGET_ONE = struct.Struct("<QQ")  # nodeid nlookup
 KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen flags
+NOTIFY_STORE_OUT = struct.Struct("<QQII")  # nodeid offset size padding
 BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
 # _IOW(229, 1, struct fuse_backing_map): FUSE_DEV_IOC_BACKING_OPEN
 DEV_IOC_BACKING_OPEN = (1 << 30) | (BACKING_MAP.size << 16) | (229 << 8) | 1

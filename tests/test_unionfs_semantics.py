@@ -758,7 +758,8 @@ def test_upper_files_are_read_and_written_by_the_kernel_directly(
         fds.append(new)
         copied = os.open(mnt / "d/a", os.O_RDWR)  # OPEN with copy-up
         fds.append(copied)
-        lower = os.open(mnt / "d/sub/deep", os.O_RDONLY)
+        # A big one: a small lower file's first open stores it in the page cache (_prefill).
+        lower = os.open(mnt / "big/sparse", os.O_RDONLY)
         fds.append(lower)
         assert os.pwrite(new, b"direct", 0) == 6
         assert os.pwrite(copied, b"L", 0) == 1
@@ -774,16 +775,65 @@ def test_upper_files_are_read_and_written_by_the_kernel_directly(
             read = _finishes(lambda: got.extend((os.pread(new2, 6, 0), os.pread(copied2, 8, 0))),
                              2.0 if direct else 0.5)  # fmt: skip
             assert read == direct
-            assert not _finishes(lambda: os.pread(lower, 5, 0), 0.3)
+            assert not _finishes(lambda: os.pread(lower, 6, 32 << 20), 0.3)
         finally:
             os.kill(pid, signal.SIGCONT)
             _join_probes()  # before their fds are closed
-        assert os.pread(lower, 5, 0) == b"deep\n"
+        assert os.pread(lower, 6, 32 << 20) == b"middle"
         assert os.pread(new, 6, 0) == b"direct"
         assert os.pread(copied, 8, 0) == b"Lower a\n"
         assert (upper / "new").read_bytes() == b"direct"
         assert (upper / "d/a").read_text() == "Lower a\n"
         assert os.fstat(new).st_size == os.stat(mnt / "new").st_size == 6
+    finally:
+        for fd in fds:
+            os.close(fd)
+        mounting.umount(mnt)
+
+
+@pytest.mark.parametrize("prefill", ["256", "0"])
+def test_a_small_lower_file_is_in_the_page_cache_once_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefill: str,
+) -> None:  # fmt: skip
+    """The first open of a small lower file stores its whole (verified) content in the
+    kernel's page cache before it is answered, so the reads after it need no request: they go
+    on while the daemon is stopped. With COWFS_PREFILL_KIB=0 the same read waits for the daemon.
+    A file bigger than the limit, and an upper file, are read as before."""
+    need_fuse()
+    monkeypatch.setenv("COWFS_FUSE_ENGINE", "native")
+    monkeypatch.setenv("COWFS_PREFILL_KIB", prefill)
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "0")
+    lowers = _build_lowers(tmp_path)
+    (lowers[1] / "d/page").write_bytes(bytes(range(256)) * 64)  # 16 KiB, several pages
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for p in (upper, work, mnt):
+        p.mkdir()
+    pid = mounting.mount_dirs([str(d) for d in lowers], mnt, upper, work)
+    fds: list[int] = []
+    try:
+        small = os.open(mnt / "d/page", os.O_RDONLY)
+        fds.append(small)
+        big = os.open(mnt / "big/sparse", os.O_RDONLY)
+        fds.append(big)
+        got: list[bytes] = []
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            read = _finishes(lambda: got.append(os.pread(small, 1 << 20, 0)), 2.0)
+            assert read == (prefill != "0")
+            assert not _finishes(lambda: os.pread(big, 6, 32 << 20), 0.3)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            _join_probes()  # before their fds are closed
+        assert os.pread(small, 1 << 20, 0) == bytes(range(256)) * 64
+        assert got in ([], [bytes(range(256)) * 64])
+        assert os.pread(big, 6, 32 << 20) == b"middle"
+        # Opened again (the page cache is kept), and after a copy-up (an upper file's is not).
+        with open(mnt / "d/page", "rb") as f:
+            assert f.read() == bytes(range(256)) * 64
+        with open(mnt / "d/page", "r+b") as f:
+            f.write(b"new")
+        with open(mnt / "d/page", "rb") as f:
+            assert f.read() == b"new" + (bytes(range(256)) * 64)[3:]
     finally:
         for fd in fds:
             os.close(fd)
