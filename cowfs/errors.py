@@ -86,5 +86,9 @@ class TransferError(RegistryError):
     """A transfer that broke off (connection lost, body cut short, HTTP 5xx): worth a retry."""
 
 
+class TransferAborted(RegistryError):
+    """A transfer broken off on purpose (Ctrl-C, or a sibling transfer failed): never retried."""
+
+
 class BenchError(CowfsError):
     """The benchmark suite could not build its data, or an operation failed on one system."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -312,6 +313,56 @@ def test_ctrl_c_during_a_stalled_download(fake: FakeRegistry, tmp_path: Path) ->
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err
+    store = Store(root)
+    assert state(store) == ([], {}, [])
+    only_complete_layers(store, img)
+
+
+def test_ctrl_c_while_a_download_is_still_connecting(fake: FakeRegistry, tmp_path: Path) -> None:
+    """SIGINT while a worker is still setting up its connection (the blob's CDN takes the TCP
+    connection but never answers the TLS handshake): the abort reaches that socket too, so the
+    CLI stops now, exit 130, one line on stderr, nothing left."""
+    img = image()
+    fake.serve_image("app", "v1", img)
+    cdn = socket.create_server(("127.0.0.1", 0))
+    cdn.settimeout(60)  # so that the thread below ends even if nobody comes
+    in_handshake, release = threading.Event(), threading.Event()
+
+    def silent_tls_server() -> None:
+        try:
+            conn, _ = cdn.accept()
+        except OSError:
+            return
+        with conn:
+            if conn.recv(1):  # the ClientHello: the client waits for our answer now
+                in_handshake.set()
+            release.wait(60)  # until the test is over
+
+    server = threading.Thread(target=silent_tls_server, daemon=True)
+    server.start()
+    blob = img.layers[0].blob
+    cdn_url = f"https://127.0.0.1:{cdn.getsockname()[1]}/blob"
+    fake.routes[("GET", f"/v2/app/blobs/{sha(blob)}")] = (307, {"Location": cdn_url}, b"")
+    root = tmp_path / "s"
+    proc = subprocess.Popen(
+        [*COWFS, "--root", str(root), "pull", f"{fake.host}/app:v1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert in_handshake.wait(60)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # a safety net, not a speed check
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.join()
+        cdn.close()
+    assert proc.returncode == 130, err
+    assert err.strip() == "Aborted.", err
     store = Store(root)
     assert state(store) == ([], {}, [])
     only_complete_layers(store, img)

@@ -20,14 +20,13 @@ import io
 import json
 import ssl
 import threading
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from cowfs.errors import AuthError, DigestMismatch, RegistryError, TransferError
+from cowfs.errors import AuthError, DigestMismatch, RegistryError, TransferAborted, TransferError
 from cowfs.registry import manifest as mf
 from cowfs.registry.auth import Authenticator, Credentials, lookup
 from cowfs.registry.reference import Reference
@@ -82,8 +81,11 @@ class RegistryClient:
 
     def abort(self) -> None:
         """Break off the transfers in flight (Ctrl-C, a failed sibling); their threads see an
-        error at once, and this client makes no new requests."""
+        error at once (TransferAborted), and this client makes no new requests nor retries."""
         self.transport.abort()
+
+    def _aborted(self) -> TransferAborted:
+        return TransferAborted(f"{self.host}: transfer aborted")
 
     def add_scope(self, repository: str, actions: str) -> None:
         self.auth.add_scope(f"repository:{repository}:{actions}")
@@ -97,13 +99,18 @@ class RegistryClient:
     ) -> Response:
         try:
             return self.transport.send(method, url, headers, body)
-        except ssl.SSLCertVerificationError as exc:
-            raise self._untrusted(exc) from None
-        except ssl.SSLError as exc:
-            raise RegistryError(f"{self.host}: TLS error: {exc.reason or exc}") from None
-        except http.client.IncompleteRead as exc:
-            raise TransferError(f"{self.host}: connection closed mid-response ({exc})") from None
         except (OSError, http.client.HTTPException) as exc:
+            if self.transport.aborted:
+                # The socket was shut down under us on purpose: not a failure worth a retry.
+                raise self._aborted() from None
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise self._untrusted(exc) from None
+            if isinstance(exc, ssl.SSLError):
+                raise RegistryError(f"{self.host}: TLS error: {exc.reason or exc}") from None
+            if isinstance(exc, http.client.IncompleteRead):
+                raise TransferError(
+                    f"{self.host}: connection closed mid-response ({exc})"
+                ) from None
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise TransferError(f"cannot reach {self.host}: {reason}") from None
 
@@ -136,9 +143,17 @@ class RegistryClient:
             url = f"{scheme}://{self.host}/v2/"
             try:
                 resp = self.transport.send("GET", url, {}, None)
-            except ssl.SSLCertVerificationError as exc:
-                raise self._untrusted(exc) from None
-            except (ssl.SSLError, ConnectionResetError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException) as exc:
+                if self.transport.aborted:
+                    raise self._aborted() from None  # not a reason to try plain HTTP
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    raise self._untrusted(exc) from None
+                if not isinstance(
+                    exc, ssl.SSLError | ConnectionResetError | http.client.HTTPException
+                ):
+                    raise TransferError(
+                        f"cannot reach {self.host}: {exc.strerror or exc}"
+                    ) from None
                 # Not TLS on the other end: try plain HTTP when that is allowed.
                 if scheme == "http":
                     raise TransferError(f"{self.host}: no HTTP or HTTPS answer ({exc})") from None
@@ -147,8 +162,6 @@ class RegistryClient:
                         f"{self.host}: cannot talk TLS ({exc}); plain HTTP needs --insecure"
                     ) from None
                 continue
-            except OSError as exc:
-                raise TransferError(f"cannot reach {self.host}: {exc.strerror or exc}") from None
             status = resp.status
             www = resp.headers.get("WWW-Authenticate")
             resp.read_limited(1 << 20)
@@ -179,9 +192,14 @@ class RegistryClient:
             try:
                 return self._request_once(method, path, headers, body, ok, what)
             except TransferError:
+                if self.transport.aborted:
+                    raise self._aborted() from None
                 if attempt == tries - 1:
                     raise
-                time.sleep(BACKOFF * 2**attempt)
+                try:
+                    self.transport.pause(BACKOFF * 2**attempt)  # cut short by abort()
+                except TransferAborted:
+                    raise self._aborted() from None
         raise AssertionError("unreachable")
 
     def _request_once(
@@ -325,9 +343,14 @@ class RegistryClient:
             except TransferError as exc:
                 if cancel is not None and cancel.is_set():
                     raise RegistryError(f"download of blob {name} cancelled") from None
+                if self.transport.aborted:
+                    raise self._aborted() from None
                 if attempt == RETRIES - 1:
                     raise TransferError(f"{exc.message} (after {RETRIES} attempts)") from None
-                time.sleep(BACKOFF * 2**attempt)
+                try:
+                    self.transport.pause(BACKOFF * 2**attempt)  # cut short by abort()
+                except TransferAborted:
+                    raise self._aborted() from None
         if state.size < desc.size:
             raise TransferError(f"blob {name} truncated: got {state.size} of {desc.size} bytes")
         got = "sha256:" + state.sha.hexdigest()
@@ -367,6 +390,8 @@ class RegistryClient:
             while True:
                 if cancel is not None and cancel.is_set():
                     raise RegistryError(f"download of blob {name} cancelled")
+                if self.transport.aborted:
+                    raise self._aborted()
                 try:
                     chunk = resp.read(CHUNK)
                 except http.client.IncompleteRead as exc:

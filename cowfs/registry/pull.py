@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cowfs.errors import DigestMismatch, InvalidInput, NotFound, RegistryError
@@ -22,6 +21,7 @@ from cowfs.registry import manifest as mf
 from cowfs.registry.cache import RegistryCache
 from cowfs.registry.client import RegistryClient
 from cowfs.registry.reference import Reference, parse
+from cowfs.registry.workers import Workers
 
 if TYPE_CHECKING:
     from cowfs.store import Store
@@ -187,46 +187,32 @@ def _fetch_layers(
         return {}
     from cowfs.layertar import import_layer
 
-    staging = store.mkdtemp("pull")
-    cancel = threading.Event()
-    progress.begin(sum(d.size for d, _ in todo), len(todo))
+    with Workers(client, jobs, "cowfs-pull") as workers:
+        # Inside the Workers block Ctrl-C is not raised mid-way: the staging directory made
+        # here is always removed by the `finally` below.
+        staging = store.mkdtemp("pull")
 
-    def one(desc: mf.Descriptor, diff_id: str) -> str:
-        path = staging / desc.digest.removeprefix("sha256:")
-        with open(path, "wb") as f:
-            client.fetch_blob(r.repository, desc, f, progress=progress.advance, cancel=cancel)
-        if cancel.is_set():
-            raise RegistryError("cancelled")
-        layer_id = import_layer(
-            store, path, media_type=desc.media_type, expect_digest=desc.digest,
-            expect_diff_id=diff_id,
-        )  # fmt: skip
-        path.unlink()
-        return layer_id
+        def one(desc: mf.Descriptor, diff_id: str) -> str:
+            path = staging / desc.digest.removeprefix("sha256:")
+            with open(path, "wb") as f:
+                client.fetch_blob(r.repository, desc, f, progress=progress.advance,
+                                  cancel=workers.cancel)  # fmt: skip
+            if workers.cancel.is_set():
+                raise RegistryError("cancelled")
+            layer_id = import_layer(
+                store, path, media_type=desc.media_type, expect_digest=desc.digest,
+                expect_diff_id=diff_id,
+            )  # fmt: skip
+            path.unlink()
+            return layer_id
 
-    out: dict[str, str] = {}
-    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(todo))),
-                              thread_name_prefix="cowfs-pull")  # fmt: skip
-    futures: dict[Future[str], str] = {}
-    try:
-        futures = {pool.submit(one, d, diff): d.digest for d, diff in todo}
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        first = next((f.exception() for f in done if f.exception() is not None), None)
-        if first is not None:
-            raise first
-        for fut, digest in futures.items():
-            out[digest] = fut.result()
-    except BaseException:
-        cancel.set()
-        for fut in futures:
-            fut.cancel()
-        client.abort()  # a worker blocked on a stalled socket would hold up Ctrl-C
-        raise
-    finally:
-        pool.shutdown(wait=True)
-        progress.end()
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+        try:
+            progress.begin(sum(d.size for d, _ in todo), len(todo))
+            layer_ids = workers.run([partial(one, d, diff) for d, diff in todo])
+        finally:
+            progress.end()
+            shutil.rmtree(staging, ignore_errors=True)
+    return {d.digest: layer_id for (d, _), layer_id in zip(todo, layer_ids, strict=True)}
 
 
 def ensure_image(store: Store, ref: str, **opts: Any) -> str:

@@ -22,7 +22,6 @@ import json
 import shutil
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +32,7 @@ from cowfs.registry.cache import BlobRecord, RegistryCache
 from cowfs.registry.client import RegistryClient
 from cowfs.registry.pull import DEFAULT_JOBS, NoProgress, Progress
 from cowfs.registry.reference import Reference, parse
+from cowfs.registry.workers import Workers
 
 if TYPE_CHECKING:
     from cowfs.store import Store
@@ -229,21 +229,6 @@ def _reuse(
 
 def _parallel(client: RegistryClient, jobs: int, tasks: list[Callable[[], None]]) -> None:
     """Run tasks on a few threads. The first error (or Ctrl-C) aborts the client's transfers in
-    flight, so that the others stop at once, and is raised."""
-    if not tasks:
-        return
-    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(tasks))), thread_name_prefix="push")
-    futures = []
-    try:
-        futures = [pool.submit(t) for t in tasks]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in futures:
-            if fut in done and fut.exception() is not None:
-                raise fut.exception()  # type: ignore[misc]
-    except BaseException:
-        for fut in futures:
-            fut.cancel()
-        client.abort()
-        raise
-    finally:
-        pool.shutdown(wait=True)
+    flight, so that the others stop at once, and is raised (see workers.py)."""
+    with Workers(client, jobs, "push") as workers:
+        workers.run(tasks)
