@@ -601,7 +601,11 @@ class Engine:
         fh, keep = self.fs.open(self._need_path(nid), flags)
         node = self._nodes[nid]
         if keep and not node.filled and not node.fhs and PREFILL_MAX:
-            self._prefill(node, fh)
+            try:
+                self._prefill(node, fh)
+            except BaseException:
+                self.fs.release(fh)  # e.g. EIO: a damaged object fails the open, leaving nothing
+                raise
         backing = self._backing(node, fh)
         node.fhs.append(fh)
         if backing:
