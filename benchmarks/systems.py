@@ -392,7 +392,7 @@ def cowfs_fuse_options() -> str:
     except (ImportError, AttributeError, KeyError) as exc:
         return f"(FUSE settings unknown: {exc})"
     passthrough = ""
-    if engine == "native" and os.environ.get("COWFS_PASSTHROUGH", "0") == "1":
+    if engine == "native" and os.environ.get("COWFS_PASSTHROUGH", "1") != "0" and os.geteuid() == 0:
         passthrough = "passthrough for upper files, "
     return (
         f"FUSE settings from cowfs/fuse.py: {engine} engine, entry/attr/negative timeouts "

@@ -23,13 +23,18 @@ itself whenever a create/unlink/rename through the mount changes them; cached sy
 answered ENOSYS once, so close() costs no request; readdirplus always, so a stat-walk needs no
 LOOKUP per entry.
 
-FUSE passthrough (opt-in, COWFS_PASSTHROUGH=1; as root, kernel >= 6.9): an open of an upper file
-of one name is answered with a backing id of its host file, and the kernel then reads and writes
-that file itself, as kernel overlayfs does; measured on a 512 MiB file, a write went from 0.95 s
-to 0.54 s and a re-read from the host's page cache from 0.26 s to 0.06 s. Lower files are never
-passed through (every read of an object is verified, DESIGN decision 4), nor hard-linked upper
-files (a write must reach UnionFS.write to drop the other names' caches). See _Node for the one-
-mode-per-inode rule.
+FUSE passthrough (as root, kernel >= 6.9; COWFS_PASSTHROUGH=0 turns it off): an open of an upper
+file of one name is answered with a backing id of its host file, and the kernel then reads and
+writes that file itself, as kernel overlayfs does; measured on a 512 MiB file, a write went from
+0.95 s to 0.54 s and a re-read from the host's page cache from 0.26 s to 0.06 s. Lower files are
+never passed through (every read of an object is verified, DESIGN decision 4), nor hard-linked
+upper files (a write must reach UnionFS.write to drop the other names' caches). See _Node for the
+one-mode-per-inode rule. As with kernel overlayfs, such an open file stays readable and writable
+if the daemon dies; everything else on the mount then fails with ENOTCONN.
+
+Small lower files are read whole at their first open and stored in the page cache before the
+open is answered (_prefill): a cold `cat` of a small file costs OPEN (and an asynchronous
+RELEASE) instead of OPEN, READ and RELEASE.
 """
 
 from __future__ import annotations
@@ -816,10 +821,8 @@ def serve(fs: UnionFS, mountpoint: str, *, fsname: str = "cowfs", read_only: boo
         allow_other = os.geteuid() == 0
     target = os.path.realpath(mountpoint)  # before the mount: afterwards it would ask us
     fd = fusedev.open_mount(target, fsname=fsname, read_only=read_only, allow_other=allow_other)
-    # Passthrough is opt-in (COWFS_PASSTHROUGH=1): a passthrough write can still land after the
-    # daemon died (the kernel needs no daemon for it), which broke the all-or-nothing check of
-    # tests/test_crash.py once; until that is understood the daemon serves every write.
-    passthrough = os.environ.get("COWFS_PASSTHROUGH", "0") == "1"
+    # COWFS_PASSTHROUGH=0 has the daemon serve every read and write of upper files too.
+    passthrough = os.environ.get("COWFS_PASSTHROUGH", "1") != "0"
     engine = Engine(fs, fd, target, writeback=writeback, passthrough=passthrough, debug=debug,
                     on_ready=on_ready)  # fmt: skip
     try:
