@@ -29,12 +29,14 @@ writes that file itself, as kernel overlayfs does; measured on a 512 MiB file, a
 0.95 s to 0.54 s and a re-read from the host's page cache from 0.26 s to 0.06 s. Lower files are
 never passed through (every read of an object is verified, DESIGN decision 4), nor hard-linked
 upper files (a write must reach UnionFS.write to drop the other names' caches). See _Node for the
-one-mode-per-inode rule. As with kernel overlayfs, such an open file stays readable and writable
-if the daemon dies; everything else on the mount then fails with ENOTCONN.
+one-mode-per-inode rule. The kernel needs no daemon for a passthrough read or write: if the
+daemon dies, those of already open files still reach the host file (fsync, truncate and the
+rest fail with ENOTCONN).
 
-Small lower files are read whole at their first open and stored in the page cache before the
-open is answered (_prefill): a cold `cat` of a small file costs OPEN (and an asynchronous
-RELEASE) instead of OPEN, READ and RELEASE.
+Small lower files are read whole at the first open of their node and stored in the page cache
+before the open is answered (_prefill): a cold `cat` of a small file costs OPEN (and an
+asynchronous RELEASE) instead of OPEN, READ and RELEASE. An open that reads only a header
+still reads (and verifies) the whole file, up to COWFS_PREFILL_KIB.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ SPIN_NS = int(os.environ.get("COWFS_SPIN_US",
                              "100" if len(os.sched_getaffinity(0)) > 1 else "0")) * 1000
 # Small files read whole at their first open and stored in the page cache (Engine._prefill);
 # COWFS_PREFILL_KIB=0 turns it off.
-PREFILL_MAX = int(os.environ.get("COWFS_PREFILL_KIB", "256")) << 10
+PREFILL_MAX = min(int(os.environ.get("COWFS_PREFILL_KIB", "256")), 1 << 20) << 10  # <= 1 GiB
 BUFSIZE = MAX_WRITE + (1 << 16)  # a write's data plus its headers, or a 64 KiB xattr value
 
 _NO_REPLY = object()

@@ -599,7 +599,9 @@ class UnionFS:
             # Content the layer has opened before is opened again by the first read: a re-open
             # whose reads the page cache answers (keep_cache) costs no I/O, and immutable
             # content gives the same bytes later (damage since then fails that read: EIO).
-            # First opens stay eager, so a damaged or missing object is EIO at open.
+            # First opens stay eager, so a damaged or missing object is EIO at open. (The
+            # native engine reads a small file whole at the first open of its node, known
+            # content or not: Engine._prefill; damage is then EIO at that open.)
             layer = self.layers[self.idx.layer[path]]
             reader = None if layer.known(e) else layer.open(path, e)
             h = Handle(ino, reader=reader, entry=e, nlink=nlink, keep_cache=nlink == 1,

@@ -7,7 +7,8 @@ test before it starts and after it returned. At a random moment the daemon is ki
 SIGKILL; the dead mount is detached (fusermount3 -u -z), the same upper and work directories are
 mounted again, and the view is checked against the model of acknowledged changes:
 - every change that returned is there, fsynced or not (the daemon answers only after its own
-  system call on the upper returned, and no writeback cache holds writes back);
+  system call on the upper returned, a passthrough write is the kernel's own write of the host
+  file, and no writeback cache holds writes back);
 - the one change in flight is all or nothing: a copied-up file has its old full content or the
   new one, never a half copy; a renamed directory is at one of its two names, whole. The one
   exception is not ours: the kernel sends a write as one FUSE WRITE per page that it writes only
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import random
@@ -119,7 +121,8 @@ def workload(mnt: str, files: dict[str, str], seed: int, fd: int) -> None:
                 new[off : off + len(patch)] = patch
                 # The kernel sends the write as one FUSE WRITE per page that is only partly
                 # written and not cached, so a daemon killed in between leaves its first part.
-                cut = (off // 4096 + 1) * 4096 - off
+                # (A passthrough write is one write of the host file, never split.)
+                cut = (off // mmap.PAGESIZE + 1) * mmap.PAGESIZE - off
                 head = bytearray(old)
                 head[off : off + cut] = patch[:cut]
                 msg = {"op": "copyup", "before": {path: sha(old)},
@@ -132,9 +135,12 @@ def workload(mnt: str, files: dict[str, str], seed: int, fd: int) -> None:
                     if n != len(patch):
                         # Such a split write returns the bytes of the requests answered before
                         # the daemon died: short, but returned, so the change is that much.
-                        new = bytearray(old)
-                        new[off : off + n] = patch[:n]
-                        msg = {**msg, "after": {path: sha(bytes(new))}}
+                        # (If the daemon died after its pwrite of the rest but before its
+                        # answer, all of it is there: that stays an outcome too.)
+                        short = bytearray(old)
+                        short[off : off + n] = patch[:n]
+                        msg = {**msg, "after": {path: sha(bytes(short))},
+                               "partial": [sha(bytes(new))]}  # fmt: skip
                         _send(fd, msg)
                     # Half without fsync: with no writeback cache a returned write has reached
                     # the daemon's own pwrite, so a daemon crash cannot lose it either.

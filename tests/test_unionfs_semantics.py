@@ -791,9 +791,9 @@ def test_upper_files_are_read_and_written_by_the_kernel_directly(
         mounting.umount(mnt)
 
 
-@pytest.mark.parametrize("prefill", ["256", "0"])
+@pytest.mark.parametrize("prefill, passthrough", [("256", "1"), ("256", "0"), ("0", "1")])
 def test_a_small_lower_file_is_in_the_page_cache_once_opened(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefill: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefill: str, passthrough: str,
 ) -> None:  # fmt: skip
     """The first open of a small lower file stores its whole (verified) content in the
     kernel's page cache before it is answered, so the reads after it need no request: they go
@@ -802,7 +802,7 @@ def test_a_small_lower_file_is_in_the_page_cache_once_opened(
     need_fuse()
     monkeypatch.setenv("COWFS_FUSE_ENGINE", "native")
     monkeypatch.setenv("COWFS_PREFILL_KIB", prefill)
-    monkeypatch.setenv("COWFS_PASSTHROUGH", "0")
+    monkeypatch.setenv("COWFS_PASSTHROUGH", passthrough)
     lowers = _build_lowers(tmp_path)
     (lowers[1] / "d/page").write_bytes(bytes(range(256)) * 64)  # 16 KiB, several pages
     upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
@@ -827,7 +827,7 @@ def test_a_small_lower_file_is_in_the_page_cache_once_opened(
         assert os.pread(small, 1 << 20, 0) == bytes(range(256)) * 64
         assert got in ([], [bytes(range(256)) * 64])
         assert os.pread(big, 6, 32 << 20) == b"middle"
-        # Opened again (the page cache is kept), and after a copy-up (an upper file's is not).
+        # Opened again, and after a copy-up (whose open drops the pages of the lower file).
         with open(mnt / "d/page", "rb") as f:
             assert f.read() == bytes(range(256)) * 64
         with open(mnt / "d/page", "r+b") as f:
