@@ -20,6 +20,7 @@ import json
 import os
 import select
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,8 +327,8 @@ def umount(mountpoint: str | os.PathLike, *, lazy: bool = False) -> None:
         pass
     pidfd = _pidfd(pid)
     try:
-        if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
-            code = ctypes.get_errno()
+        code = _umount2(mountpoint, MNT_DETACH if lazy else 0)
+        if code:
             if code == errno.EPERM:  # not root: the setuid helper can do it
                 import subprocess
 
@@ -345,6 +346,20 @@ def umount(mountpoint: str | os.PathLike, *, lazy: bool = False) -> None:
     proc = _DAEMONS.pop(pid, None) if pid is not None else None
     if proc is not None:
         proc.wait()
+
+
+def _umount2(mountpoint: str, flags: int) -> int:
+    """umount2(2); 0 or the errno. EBUSY is retried for a second: right after a mount, a path
+    walk still in flight (the daemon's readiness check of its libfuse loop, say) holds the mount
+    for a moment; a process that really uses it (an open file, a cwd) still gets EBUSY."""
+    for _ in range(20):
+        if _libc.umount2(os.fsencode(mountpoint), flags) == 0:
+            return 0
+        code = ctypes.get_errno()
+        if code != errno.EBUSY:
+            return code
+        time.sleep(0.05)
+    return errno.EBUSY
 
 
 def _pidfd(pid: int | None) -> int | None:

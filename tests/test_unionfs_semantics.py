@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cowfs import mounting
-from cowfs.errors import CowfsError
+from cowfs.errors import CowfsError, MountError
 from tests.conftest import need_fuse, need_tool
 
 OPAQUE = "trusted.overlay.opaque"
@@ -917,3 +917,19 @@ def test_an_xattr_found_absent_is_seen_once_set_through_any_name(union: Union) -
     os.unlink(union.m("r1"))
     Path(union.m("r1")).write_text("again")
     assert _absent(union.m("r1"))
+
+
+def test_umount_of_a_mount_in_use_fails_and_keeps_it(union: Union) -> None:
+    """EBUSY is retried briefly (a path walk in flight right after mounting), but a mount that
+    a process really uses (its cwd) is refused with a one-line error and stays mounted."""
+    proc = subprocess.Popen(["sleep", "60"], cwd=union.m("d"))
+    try:
+        with pytest.raises(MountError, match="Device or resource busy"):
+            mounting.umount(union.mnt)
+        assert mounting.is_mounted(union.mnt)
+        assert read(union.m("d/a")) == "lower a\n"
+    finally:
+        proc.kill()
+        proc.wait()
+    mounting.umount(union.mnt)  # once it is free
+    assert not mounting.is_mounted(union.mnt)
