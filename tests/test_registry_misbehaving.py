@@ -278,6 +278,25 @@ def test_broken_download_resumes_with_range(fake: FakeRegistry, tmp_path: Path) 
     assert res.downloaded == 2 and list(store.tmp.iterdir()) == []
 
 
+def _ctrl_c_pull(fake: FakeRegistry, root: Path, ready: threading.Event) -> tuple[int, str]:
+    """Run `cowfs pull` of app:v1, send it SIGINT once `ready` is set; (exit code, stderr)."""
+    proc = subprocess.Popen(
+        [*COWFS, "--root", str(root), "pull", f"{fake.host}/app:v1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert ready.wait(60)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # a safety net, not a speed check
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
 def test_ctrl_c_during_a_stalled_download(fake: FakeRegistry, tmp_path: Path) -> None:
     """SIGINT while a blob hangs mid-transfer: the CLI stops now, exit 130, nothing left."""
     img = image()
@@ -297,22 +316,11 @@ def test_ctrl_c_during_a_stalled_download(fake: FakeRegistry, tmp_path: Path) ->
 
     fake.routes[("GET", f"/v2/app/blobs/{sha(blob)}")] = stall
     root = tmp_path / "s"
-    proc = subprocess.Popen(
-        [*COWFS, "--root", str(root), "pull", f"{fake.host}/app:v1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert started.wait(60)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)  # a safety net, not a speed check
+        code, err = _ctrl_c_pull(fake, root, started)
     finally:
         release.set()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    assert code == 130, err
     store = Store(root)
     assert state(store) == ([], {}, [])
     only_complete_layers(store, img)
@@ -344,24 +352,13 @@ def test_ctrl_c_while_a_download_is_still_connecting(fake: FakeRegistry, tmp_pat
     cdn_url = f"https://127.0.0.1:{cdn.getsockname()[1]}/blob"
     fake.routes[("GET", f"/v2/app/blobs/{sha(blob)}")] = (307, {"Location": cdn_url}, b"")
     root = tmp_path / "s"
-    proc = subprocess.Popen(
-        [*COWFS, "--root", str(root), "pull", f"{fake.host}/app:v1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert in_handshake.wait(60)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)  # a safety net, not a speed check
+        code, err = _ctrl_c_pull(fake, root, in_handshake)
     finally:
         release.set()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         server.join()
         cdn.close()
-    assert proc.returncode == 130, err
+    assert code == 130, err
     assert err.strip() == "Aborted.", err
     store = Store(root)
     assert state(store) == ([], {}, [])

@@ -6,6 +6,7 @@ exactly what it built. The `union` fixture always unmounts, even when the test f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -709,6 +710,18 @@ def _join_probes() -> None:
             t.join(10)
 
 
+@contextlib.contextmanager
+def _daemon_stopped(pid: int) -> Iterator[None]:
+    """The daemon stopped (SIGSTOP) for the block; continued, and the probes the block started
+    joined (before the test closes their fds), even if it fails."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        _join_probes()
+
+
 @pytest.fixture
 def host_fs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     """A directory on a fresh tmpfs ("tmpfs") or inside a kernel overlayfs ("overlayfs"), for
@@ -770,15 +783,11 @@ def test_upper_files_are_read_and_written_by_the_kernel_directly(
         copied2 = os.open(mnt / "d/a", os.O_RDONLY)
         fds.append(copied2)
         got: list[bytes] = []
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with _daemon_stopped(pid):
             read = _finishes(lambda: got.extend((os.pread(new2, 6, 0), os.pread(copied2, 8, 0))),
                              2.0 if direct else 0.5)  # fmt: skip
             assert read == direct
             assert not _finishes(lambda: os.pread(lower, 6, 32 << 20), 0.3)
-        finally:
-            os.kill(pid, signal.SIGCONT)
-            _join_probes()  # before their fds are closed
         assert os.pread(lower, 6, 32 << 20) == b"middle"
         assert os.pread(new, 6, 0) == b"direct"
         assert os.pread(copied, 8, 0) == b"Lower a\n"
@@ -816,14 +825,10 @@ def test_a_small_lower_file_is_in_the_page_cache_once_opened(
         big = os.open(mnt / "big/sparse", os.O_RDONLY)
         fds.append(big)
         got: list[bytes] = []
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with _daemon_stopped(pid):
             read = _finishes(lambda: got.append(os.pread(small, 1 << 20, 0)), 2.0)
             assert read == (prefill != "0")
             assert not _finishes(lambda: os.pread(big, 6, 32 << 20), 0.3)
-        finally:
-            os.kill(pid, signal.SIGCONT)
-            _join_probes()  # before their fds are closed
         assert os.pread(small, 1 << 20, 0) == bytes(range(256)) * 64
         assert got in ([], [bytes(range(256)) * 64])
         assert os.pread(big, 6, 32 << 20) == b"middle"
