@@ -664,17 +664,13 @@ class UnionFS:
             reader = self._lower_reader(h)
         return reader.pread(size, offset)
 
-    def small_content(self, fh: int, limit: int) -> bytes | None:
+    def small_content(self, fh: int, limit: int) -> bytes | memoryview | None:
         """The whole content of lower file handle `fh` if it is 1..`limit` bytes, else None
         (the engine stores it in the kernel's page cache at open: Engine._prefill)."""
         h = self._handle(fh)
         if h.fd >= 0 or h.entry is None or not 0 < h.entry.size <= limit:
             return None
-        reader = h.reader
-        if reader is None:
-            reader = self._lower_reader(h)
-        data = reader.pread(h.entry.size, 0)
-        return data if type(data) is bytes else bytes(data)
+        return self.read(fh, h.entry.size, 0)
 
     def _lower_reader(self, h: Handle) -> Reader:
         with self._lock:  # two first reads of a threaded loop must not both open it
