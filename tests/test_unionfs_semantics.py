@@ -711,6 +711,23 @@ def _join_probes() -> None:
 
 
 @contextlib.contextmanager
+def _mounted_dirs(lowers: list[Path], upper: Path, work: Path,
+                  mnt: Path) -> Iterator[tuple[int, list[int]]]:  # fmt: skip
+    """cowfs on plain-directory lowers (dirs made here); yields (daemon pid, a list for the
+    test's fds). The fds are closed, then the mount unmounted, even if the test fails."""
+    for p in (upper, work, mnt):
+        p.mkdir()
+    pid = mounting.mount_dirs([str(d) for d in lowers], mnt, upper, work)
+    fds: list[int] = []
+    try:
+        yield pid, fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+        mounting.umount(mnt)
+
+
+@contextlib.contextmanager
 def _daemon_stopped(pid: int) -> Iterator[None]:
     """The daemon stopped (SIGSTOP) for the block; continued, and the probes the block started
     joined (before the test closes their fds), even if it fails."""
@@ -761,12 +778,8 @@ def test_upper_files_are_read_and_written_by_the_kernel_directly(
     monkeypatch.setenv("COWFS_FUSE_ENGINE", "native")
     monkeypatch.setenv("COWFS_PASSTHROUGH", passthrough)
     lowers = _build_lowers(tmp_path)
-    upper, work, mnt = host_fs / "upper", host_fs / "work", tmp_path / "mnt"
-    for p in (upper, work, mnt):
-        p.mkdir()
-    pid = mounting.mount_dirs([str(d) for d in lowers], mnt, upper, work)
-    fds: list[int] = []
-    try:
+    upper, mnt = host_fs / "upper", tmp_path / "mnt"
+    with _mounted_dirs(lowers, upper, host_fs / "work", mnt) as (pid, fds):
         new = os.open(mnt / "new", os.O_RDWR | os.O_CREAT, 0o644)  # CREATE
         fds.append(new)
         copied = os.open(mnt / "d/a", os.O_RDWR)  # OPEN with copy-up
@@ -794,10 +807,6 @@ def test_upper_files_are_read_and_written_by_the_kernel_directly(
         assert (upper / "new").read_bytes() == b"direct"
         assert (upper / "d/a").read_text() == "Lower a\n"
         assert os.fstat(new).st_size == os.stat(mnt / "new").st_size == 6
-    finally:
-        for fd in fds:
-            os.close(fd)
-        mounting.umount(mnt)
 
 
 @pytest.mark.parametrize("prefill, passthrough", [("256", "1"), ("256", "0"), ("0", "1")])
@@ -814,12 +823,8 @@ def test_a_small_lower_file_is_in_the_page_cache_once_opened(
     monkeypatch.setenv("COWFS_PASSTHROUGH", passthrough)
     lowers = _build_lowers(tmp_path)
     (lowers[1] / "d/page").write_bytes(bytes(range(256)) * 64)  # 16 KiB, several pages
-    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
-    for p in (upper, work, mnt):
-        p.mkdir()
-    pid = mounting.mount_dirs([str(d) for d in lowers], mnt, upper, work)
-    fds: list[int] = []
-    try:
+    mnt = tmp_path / "mnt"
+    with _mounted_dirs(lowers, tmp_path / "upper", tmp_path / "work", mnt) as (pid, fds):
         small = os.open(mnt / "d/page", os.O_RDONLY)
         fds.append(small)
         big = os.open(mnt / "big/sparse", os.O_RDONLY)
@@ -839,10 +844,6 @@ def test_a_small_lower_file_is_in_the_page_cache_once_opened(
             f.write(b"new")
         with open(mnt / "d/page", "rb") as f:
             assert f.read() == b"new" + (bytes(range(256)) * 64)[3:]
-    finally:
-        for fd in fds:
-            os.close(fd)
-        mounting.umount(mnt)
 
 
 def test_passthrough_and_cached_opens_of_one_file_mix(union: Union) -> None:
