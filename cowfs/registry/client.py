@@ -87,6 +87,13 @@ class RegistryClient:
     def _aborted(self) -> TransferAborted:
         return TransferAborted(f"{self.host}: transfer aborted")
 
+    def _backoff(self, attempt: int) -> None:
+        """Wait before retry `attempt + 1`; cut short by abort() (then TransferAborted)."""
+        try:
+            self.transport.pause(BACKOFF * 2**attempt)
+        except TransferAborted:
+            raise self._aborted() from None
+
     def add_scope(self, repository: str, actions: str) -> None:
         self.auth.add_scope(f"repository:{repository}:{actions}")
         if self._base is not None:
@@ -196,10 +203,7 @@ class RegistryClient:
                     raise self._aborted() from None
                 if attempt == tries - 1:
                     raise
-                try:
-                    self.transport.pause(BACKOFF * 2**attempt)  # cut short by abort()
-                except TransferAborted:
-                    raise self._aborted() from None
+                self._backoff(attempt)
         raise AssertionError("unreachable")
 
     def _request_once(
@@ -347,10 +351,7 @@ class RegistryClient:
                     raise self._aborted() from None
                 if attempt == RETRIES - 1:
                     raise TransferError(f"{exc.message} (after {RETRIES} attempts)") from None
-                try:
-                    self.transport.pause(BACKOFF * 2**attempt)  # cut short by abort()
-                except TransferAborted:
-                    raise self._aborted() from None
+                self._backoff(attempt)
         if state.size < desc.size:
             raise TransferError(f"blob {name} truncated: got {state.size} of {desc.size} bytes")
         got = "sha256:" + state.sha.hexdigest()
