@@ -310,7 +310,9 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
         "directories; the FUSE options cowfs chooses for itself (kernel_cache, long entry/attr "
         "timeouts, see cowfs/fuse.py) are not given to fuse-overlayfs, which runs with its own "
         "defaults. The container rows time `cowfs run --rm bench:latest true` for cowfs (store) "
-        "and mount + `runc run` (runc's default spec, process `true`) + umount for the others.",
+        "and mount + `runc run` (runc's default spec, process `true`) + umount for the others, "
+        "each after one untimed run of the same (so neither runtime's own files come from the "
+        "disk; the rootfs is mounted afresh either way).",
     ]
     notes = _notes(doc)
     if notes:
