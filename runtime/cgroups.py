@@ -12,9 +12,9 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 from cowfs.errors import ContainerError
+from cowfs.record import record
 from runtime.spec import Limits
 
 CONTROLLERS = ("memory", "pids", "cpu")
@@ -124,7 +124,7 @@ def _write(path: str, value: str) -> None:
             raise
 
 
-@dataclass
+@record
 class Cgroup:
     """The container's cgroups: controller -> (version, directory)."""
 

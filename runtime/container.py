@@ -22,11 +22,11 @@ import signal
 import sys as _sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cowfs.errors import AlreadyExists, ContainerError, CowfsError, InUse, InvalidInput, NotFound
+from cowfs.record import replace
 from cowfs.store import Image, Store
 from runtime import channel, init, monitor, namespaces, process, rootfs
 from runtime.cgroups import Cgroup

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 
+from cowfs.record import record
 from runtime import syscalls as sc
 from runtime.devices import DEVICES, LINKS
 from runtime.spec import ContainerSpec
@@ -28,7 +28,7 @@ ETC_FILES = ("hostname", "hosts", "resolv.conf")
 _PROC_FLAGS = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Step:
     """One thing done to the rootfs. `op` is a Syscalls method name; `args` its arguments."""
 

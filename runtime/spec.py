@@ -7,29 +7,29 @@ Pure: no effects. The spec is stored in the container's state.json and used agai
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
 
 from cowfs.errors import InvalidInput
+from cowfs.record import asdict, field, record
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NETWORKS = ("none", "host")
 
 
-@dataclass
+@record
 class Volume:
     host: str
     container: str
     read_only: bool = False
 
 
-@dataclass
+@record
 class Limits:
     memory: int | None = None  # bytes
     pids: int | None = None
     cpus: float | None = None
 
 
-@dataclass
+@record
 class RunOptions:
     """The flags of `cowfs run`, as given."""
 
@@ -49,7 +49,7 @@ class RunOptions:
     interactive: bool = False
 
 
-@dataclass
+@record
 class ContainerSpec:
     args: list[str]
     env: list[str]

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from cowfs.errors import ContainerError, InvalidInput, NotFound
+from cowfs.record import asdict, field, record
 from runtime.spec import ContainerSpec
 
 
@@ -45,7 +45,7 @@ def alive(pid: int, start_time: int | None) -> bool:
     return pid > 0 and start_time is not None and process_start_time(pid) == start_time
 
 
-@dataclass
+@record
 class State:
     id: str
     name: str

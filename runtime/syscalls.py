@@ -12,7 +12,8 @@ import ctypes
 import errno as _errno
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+from cowfs.record import field, record
 
 # clone(2) / unshare(2) flags
 CLONE_NEWNS = 0x00020000
@@ -148,7 +149,7 @@ class Syscalls:
         os.chdir(path)
 
 
-@dataclass
+@record
 class RecordingSyscalls:
     """Test double: records every call as (name, args...) and fails where told to.
 

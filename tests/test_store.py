@@ -162,9 +162,9 @@ def test_bad_refs(bad: str) -> None:
 def test_file_over_the_whole_read_limit_streams(tmp_path: Path, monkeypatch) -> None:
     """A file larger than what the builder reads whole goes through put_stream: its first part
     (already read) and the rest are one object, byte for byte."""
-    from cowfs import store as store_mod
+    from cowfs import layerbuilder
 
-    monkeypatch.setattr(store_mod, "_SMALL_FILE", 3 * FRAME_SIZE + 5)
+    monkeypatch.setattr(layerbuilder, "_SMALL_FILE", 3 * FRAME_SIZE + 5)
     s = Store(tmp_path / "s")
     data = os.urandom(2 * FRAME_SIZE) + b"y" * (7 * FRAME_SIZE + 3)
     with s.new_layer() as lb:
