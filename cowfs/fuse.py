@@ -64,6 +64,17 @@ def engine(threads: bool = False) -> str:
     return name
 
 
+def preload(threads: bool = False) -> None:
+    """Import what serve() will use (the engine, the union filesystem, lower layers), ahead of
+    the mount: a daemon forked early does it while its caller sets up (runtime/mounter.py)."""
+    if engine(threads) == "native":
+        import cowfs.fuseengine  # noqa: F401
+    else:
+        import cowfs.fuselib  # noqa: F401
+    import cowfs.lowers  # noqa: F401
+    import cowfs.unionfs  # noqa: F401
+
+
 def serve(
     fs: UnionFS,
     mountpoint: str,

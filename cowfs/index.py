@@ -28,12 +28,12 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 
 from cowfs.errors import Corruption
+from cowfs.record import field, record
 from cowfs.toc import DIR, Entry, Toc
 
 INDEX_MAGIC = b"COWIDX3\n"
@@ -42,7 +42,7 @@ INDEX_VERSION = 3
 ROOT_INO = 1
 
 
-@dataclass(slots=True)
+@record
 class MergedIndex:
     """The mappings are read-only once built. From `loads()` they are lazy (see `_Lazy`)."""
 

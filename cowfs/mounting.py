@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import select
@@ -26,11 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cowfs.errors import Corruption, CowfsError, InvalidInput, MountError, NotFound
-from cowfs.index import INDEX_VERSION, MergedIndex, merge
-from cowfs.toc import Toc
 
 if TYPE_CHECKING:  # imported where used: a container start never needs it (~4 ms)
     import subprocess
+
+    # The daemon's side, imported by the daemon: the runtime forks it from a process that
+    # must not pay for them (dataclasses, zstandard, xxhash: ~25 ms).
+    from cowfs.index import MergedIndex
+    from cowfs.toc import Toc
 
 _libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
@@ -50,6 +52,8 @@ def run_dir() -> Path:
 
 
 def _pidfile(mountpoint: str) -> Path:
+    import hashlib
+
     key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:32]
     return run_dir() / f"{key}.json"
 
@@ -57,19 +61,29 @@ def _pidfile(mountpoint: str) -> Path:
 # -- building the filesystem ----------------------------------------------------------------------
 
 
+# The last index image_index() returned, by (store root, image id): a daemon forked early
+# loads it before it knows where to mount (runtime/mounter.py), and builds the fs from it then.
+# An image id names its layers and so its index for good: it cannot go stale.
+_LAST_INDEX: tuple[tuple[str, str], MergedIndex] | None = None
+
+
 def image_index(store: Any, image: Any) -> MergedIndex:
     """The merged index of an image: from <store>/cache/, or merged and cached."""
+    global _LAST_INDEX
+    from cowfs.index import INDEX_VERSION, MergedIndex, merge
+
+    key = (str(store.root), image.id)
+    if _LAST_INDEX is not None and _LAST_INDEX[0] == key:
+        return _LAST_INDEX[1]
     path = Path(store.cache_dir) / f"index-{image.id}-v{INDEX_VERSION}"
     try:
-        return MergedIndex.load(path)
-    except FileNotFoundError:
-        pass
-    except Corruption:
-        pass  # a damaged cache is rebuilt: it is derived data
-    idx = merge([store.load_toc(layer_id) for layer_id in image.layers])
-    from cowfs.atomic import write_atomic
+        idx = MergedIndex.load(path)
+    except (FileNotFoundError, Corruption):  # a damaged cache is rebuilt: it is derived data
+        idx = merge([store.load_toc(layer_id) for layer_id in image.layers])
+        from cowfs.atomic import write_atomic
 
-    write_atomic(path, idx.dumps())
+        write_atomic(path, idx.dumps())
+    _LAST_INDEX = (key, idx)
     return idx
 
 
@@ -93,6 +107,7 @@ def build_image_fs(store: Any, ref: str, upper: str | None, work: str | None,
 def build_dir_fs(lowers: Sequence[str], upper: str | None, work: str | None,
                  read_only: bool) -> Any:  # fmt: skip
     """Lowers top first, as overlayfs's lowerdir= lists them."""
+    from cowfs.index import merge
     from cowfs.lowers import DirLayer
     from cowfs.unionfs import UnionFS
 

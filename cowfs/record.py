@@ -118,6 +118,24 @@ def _make(cls: type[T], frozen: bool) -> type[T]:
     return cls
 
 
+class SlotsRecord:
+    """For classes with many objects and hot attribute access (toc.Entry, unionfs.Handle):
+    __slots__ and a hand-written __init__, as fast as a generated one; == and repr come from
+    the slots, in order."""
+
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]  # mutable and compared by value
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__qualname__}({inner})"
+
+
 def fields(obj: Any) -> tuple[str, ...]:
     return obj.__record_fields__
 

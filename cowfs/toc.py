@@ -19,12 +19,12 @@ import hashlib
 import json
 import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import xxhash
 import zstandard
 
 from cowfs.errors import Corruption, InvalidInput
+from cowfs.record import SlotsRecord, field, record
 
 # Entry kinds: one letter each, as `find -printf %y` spells them.
 REG, DIR, SYMLINK, CHR, BLK, FIFO, SOCK = "f", "d", "l", "c", "b", "p", "s"
@@ -45,24 +45,33 @@ TOC_MAGIC = b"COWTOC1\n"
 TOC_VERSION = 1
 
 
-@dataclass(slots=True)
-class Entry:
+class Entry(SlotsRecord):
     """One file, directory, link or special file of a layer."""
 
-    path: str
-    kind: str
-    mode: int = 0o644  # permission bits only (07777): the type is `kind`
-    uid: int = 0
-    gid: int = 0
-    atime: int = 0  # ns since the epoch
-    mtime: int = 0
-    ctime: int = 0
-    size: int = 0
-    digest: str = ""  # xxh128 hex of the content of a regular file; "" when empty
-    target: str = ""  # symlink target
-    rdev: int = 0  # os.makedev(major, minor) for CHR/BLK
-    link: int = 0  # hard-link group within the layer (0: not hard-linked)
-    xattrs: dict[str, bytes] | None = None
+    __slots__ = ("path", "kind", "mode", "uid", "gid", "atime", "mtime", "ctime", "size",
+                 "digest", "target", "rdev", "link", "xattrs")  # fmt: skip
+
+    def __init__(
+        self,
+        path: str,
+        kind: str,
+        mode: int = 0o644,  # permission bits only (07777): the type is `kind`
+        uid: int = 0,
+        gid: int = 0,
+        atime: int = 0,  # ns since the epoch
+        mtime: int = 0,
+        ctime: int = 0,
+        size: int = 0,
+        digest: str = "",  # xxh128 hex of the content of a regular file; "" when empty
+        target: str = "",  # symlink target
+        rdev: int = 0,  # os.makedev(major, minor) for CHR/BLK
+        link: int = 0,  # hard-link group within the layer (0: not hard-linked)
+        xattrs: dict[str, bytes] | None = None,
+    ) -> None:
+        self.path, self.kind, self.mode, self.uid, self.gid = path, kind, mode, uid, gid
+        self.atime, self.mtime, self.ctime, self.size = atime, mtime, ctime, size
+        self.digest, self.target, self.rdev, self.link = digest, target, rdev, link
+        self.xattrs = xattrs
 
     @property
     def st_mode(self) -> int:
@@ -122,7 +131,7 @@ def entry_from_stat(path: str, st, **extra) -> Entry:  # st: os.stat_result
     )
 
 
-@dataclass(slots=True)
+@record
 class Toc:
     """Every entry of one layer, plus what it hides in the layers below."""
 

@@ -39,13 +39,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from cowfs.errors import CowfsError
 from cowfs.hostdir import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, link, move
 from cowfs.index import ROOT_INO, MergedIndex
 from cowfs.lowers import LowerLayer, Reader
+from cowfs.record import SlotsRecord, record
 from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, kind_of_mode
 
 WHITEOUT = "w"
@@ -92,23 +92,31 @@ def err(code: int, what: str = "") -> OSError:
 # -- handles and attributes -------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Handle:
+class Handle(SlotsRecord):
     """An open file: a host fd of the upper, or a reader of a lower layer."""
 
-    ino: int
-    fd: int = -1
-    reader: Reader | None = None  # of a lower file; may wait for the first read (UnionFS.open)
-    layer: LowerLayer | None = None  # where a lower handle's reader comes from
-    lower_path: str = ""  # the path in that layer (`path` follows renames; this does not)
-    entry: Entry | None = None  # lower metadata, for fstat of a lower handle
-    nlink: int = 1
-    keep_cache: bool = False
-    path: str | None = None  # the name it was opened by, to find its other names
-    host_ino: int | None = None  # set when the upper file has several names
+    __slots__ = ("ino", "fd", "reader", "layer", "lower_path", "entry", "nlink", "keep_cache",
+                 "path", "host_ino")  # fmt: skip
+
+    def __init__(
+        self,
+        ino: int,
+        fd: int = -1,
+        reader: Reader | None = None,  # of a lower file; may wait for the first read (open)
+        layer: LowerLayer | None = None,  # where a lower handle's reader comes from
+        lower_path: str = "",  # the path in that layer (`path` follows renames; this does not)
+        entry: Entry | None = None,  # lower metadata, for fstat of a lower handle
+        nlink: int = 1,
+        keep_cache: bool = False,
+        path: str | None = None,  # the name it was opened by, to find its other names
+        host_ino: int | None = None,  # set when the upper file has several names
+    ) -> None:
+        self.ino, self.fd, self.reader, self.layer = ino, fd, reader, layer
+        self.lower_path, self.entry, self.nlink = lower_path, entry, nlink
+        self.keep_cache, self.path, self.host_ino = keep_cache, path, host_ino
 
 
-@dataclass(slots=True)
+@record(frozen=True)
 class Owner:
     """Who creates a file: the caller's uid and gid (the kernel has applied the umask)."""
 

@@ -7,14 +7,17 @@ exists, so it serves from outside both (DESIGN decision 7).
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
+import socket
 from collections.abc import Callable
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from cowfs.errors import CowfsError
-from cowfs.store import Store
-from runtime import process
+
+if TYPE_CHECKING:
+    from cowfs.store import Store
 
 
 class Mounter(Protocol):
@@ -43,10 +46,10 @@ class PendingMount:
     whenever the mount table changes, and that the daemon failed from its pidfd. Nobody
     sleeps."""
 
-    def __init__(self, owner: CowfsMounter, pid: int, mountpoint: str, err_r: int,
+    def __init__(self, owner: CowfsMounter, pid: int, mountpoint: str, link: socket.socket,
                  table: BinaryIO) -> None:  # fmt: skip
         self.owner, self.pid, self.mountpoint = owner, pid, mountpoint
-        self._err_r, self._table = err_r, table
+        self._link, self._table = link, table
         self._pidfd = os.pidfd_open(pid)
         self._done = False
         self._error: BaseException | None = None
@@ -69,7 +72,7 @@ class PendingMount:
                 ready, _, changed = select.select([pidfd], [], [table], 30)
                 if pidfd in ready:
                     os.waitpid(pid, 0)
-                    message = os.read(self._err_r, 4096).decode(errors="replace")
+                    message = self._link.recv(4096).decode(errors="replace")
                     if not message.startswith(f"cannot mount {self.mountpoint}"):
                         message = f"cannot mount {self.mountpoint}: {message or 'daemon exited'}"
                     raise MountError(message)
@@ -86,57 +89,111 @@ class PendingMount:
             self._done = True
             table.close()
             os.close(pidfd)
-            os.close(self._err_r)
+            self._link.close()
         self.owner._daemons[self.mountpoint] = pid
         return pid
 
 
 class CowfsMounter:
     """cowfs.mounting, with the daemon forked from this process instead of started as a new
-    interpreter: what is imported already is paid once. The child imports the FUSE side itself
-    (cowfs.fuse, mfusepy: ~15 ms), so that overlaps with the container's set-up here: `start`
-    returns at once and the caller awaits the mount only when the container needs it.
+    interpreter: what is imported already is paid once. `start` returns at once and the caller
+    awaits the mount only when the container needs it.
+
+    The daemon's own imports (the FUSE engine, the union filesystem, index and object code:
+    ~45 ms) and the loading of the image's index are on the way to every container's first
+    instruction. `prepare` forks the daemon of the next mount before the caller has even
+    imported the runtime: the child does that work on the other CPU while the caller imports,
+    creates the container and its cgroups, and `start` then only tells it where to mount.
 
     The child serves the mount in the foreground (mounting.mount(foreground=True)).
     """
 
     def __init__(self) -> None:
         self._daemons: dict[str, int] = {}
+        self._early: tuple[str, int, socket.socket] | None = None  # store root, pid, link
 
     def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
               read_only: bool = False) -> Any:  # fmt: skip
         return self.start(store, ref, mountpoint, upper=upper, work=work,
                           read_only=read_only).wait()  # fmt: skip
 
+    def prepare(self, root: str | os.PathLike, ref: str) -> None:
+        """Fork the daemon for this process's next mount now (see above), for the store at
+        `root`; it loads the index of image `ref` ahead (`start` says which image to mount, so
+        a tag moved meanwhile costs time, not correctness). A prepared daemon nobody uses exits
+        when this process closes its end of the link (by exiting, say); one that failed says
+        why when `start` hands it its mount."""
+        if self._early is not None:
+            return
+        root = os.path.abspath(root)
+        ours, theirs = socket.socketpair()
+        pid = self._fork(theirs, "cowfs-fuse (starting)", lambda: _early_daemon(root, ref, theirs))
+        theirs.close()
+        self._early = (root, pid, ours)
+
+    def cancel(self) -> None:
+        """Let a prepared daemon go unused: it exits, and is reaped here."""
+        early, self._early = self._early, None
+        if early is not None:
+            early[2].close()
+            os.waitpid(early[1], 0)
+
     def start(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
               read_only: bool = False) -> PendingMount:  # fmt: skip
+        mountpoint = os.path.abspath(mountpoint)
+        table = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - closed by wait()
+        early, self._early = self._early, None
+        if early is not None and early[0] == str(store.root):
+            pid, link = early[1], early[2]
+            order = {"ref": ref, "mountpoint": mountpoint, "upper": upper, "work": work,
+                     "read_only": read_only}  # fmt: skip
+            try:
+                link.sendall(json.dumps(order).encode())
+                link.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # it died already: PendingMount reads why from the link
+            return PendingMount(self, pid, mountpoint, link, table)
+        if early is not None:  # prepared for another store: it exits
+            self._early = early
+            self.cancel()
+        ours, theirs = socket.socketpair()
+
+        def serve() -> None:
+            from cowfs import mounting
+
+            mounting.mount(store, ref, mountpoint, upper=upper, work=work, read_only=read_only,
+                           foreground=True)  # fmt: skip
+
+        pid = self._fork(theirs, f"cowfs-fuse {mountpoint}", serve)
+        theirs.close()
+        return PendingMount(self, pid, mountpoint, ours, table)
+
+    @staticmethod
+    def _fork(link: socket.socket, title: str, body: Callable[[], None]) -> int:
+        """Fork a daemon that runs `body`; its errors go to `link` as one line."""
         # The library find_library("fuse3") would return, named directly: find_library runs
         # `ldconfig -p` in a subprocess, 10-80 ms of every container start here.
         os.environ.setdefault("FUSE_LIBRARY_PATH", "libfuse3.so.3")
-        from cowfs import mounting
-
-        mountpoint = os.path.abspath(mountpoint)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        table = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - closed by wait()
         # Objects inherited by the child stay out of its garbage collector: a collection would
         # touch (and so copy) every page of the parent's heap.
         gc.freeze()
         pid = os.fork()
-        if pid == 0:
-            code = 2
-            try:
-                os.setsid()  # terminal signals to the caller must not take the mount down
-                process.detach(err_w, f"cowfs-fuse {mountpoint}")
-                mounting.mount(store, ref, mountpoint, upper=upper, work=work,
-                               read_only=read_only, foreground=True)  # fmt: skip
-                code = 0
-            except CowfsError as exc:
-                os.write(err_w, exc.message.encode())
-            except BaseException as exc:  # noqa: BLE001 - a forked daemon must never unwind
-                os.write(err_w, repr(exc).encode())
-            os._exit(code)
-        os.close(err_w)
-        return PendingMount(self, pid, mountpoint, err_r, table)
+        if pid:
+            return pid
+        code = 2
+        fd = link.fileno()
+        try:
+            from runtime import process
+
+            os.setsid()  # terminal signals to the caller must not take the mount down
+            process.detach(fd, title)
+            body()
+            code = 0
+        except CowfsError as exc:
+            _report(fd, exc.message)
+        except BaseException as exc:  # noqa: BLE001 - a forked daemon must never unwind
+            _report(fd, repr(exc))
+        os._exit(code)
 
     def umount(self, mountpoint: str) -> None:
         from cowfs import mounting
@@ -146,6 +203,38 @@ class CowfsMounter:
         pid = self._daemons.pop(mountpoint, None)
         if pid is not None:
             os.waitpid(pid, 0)  # the daemon exits once unmounted: nothing is left running
+
+
+def _early_daemon(root: str, ref: str, link: socket.socket) -> None:
+    """The body of a prepared daemon: the imports and the index first, then wait for what to
+    mount where (EOF without it: not needed after all)."""
+    from cowfs import fuse, mounting
+    from cowfs.store import Store
+
+    fuse.preload()
+    store = Store(root)
+    try:
+        mounting.image_index(store, store.resolve(ref))  # build_image_fs finds it loaded
+    except CowfsError:
+        pass  # the order names the image: its errors are reported then
+    chunks = []
+    while chunk := link.recv(65536):
+        chunks.append(chunk)
+    if not chunks:
+        os._exit(0)
+    order = json.loads(b"".join(chunks))
+    from runtime.proctitle import set_title
+
+    set_title(f"cowfs-fuse {order['mountpoint']}")
+    mounting.mount(store, order["ref"], order["mountpoint"], upper=order["upper"],
+                   work=order["work"], read_only=order["read_only"], foreground=True)  # fmt: skip
+
+
+def _report(fd: int, message: str) -> None:
+    try:
+        os.write(fd, message.encode())
+    except OSError:
+        pass  # nobody listens any more
 
 
 def is_mounted(path: str | os.PathLike) -> bool:

@@ -76,8 +76,17 @@ def test_run_path_modules_do_not_load_what_only_other_commands_need() -> None:
     """click (~35 ms), dataclasses (~25 ms with its classes, see cowfs/record.py), and the
     object and TOC code that only the FUSE daemon (forked later) and imports use."""
     heavy = ["click", "dataclasses", "inspect", "zstandard", "xxhash", "hashlib", "cowfs.toc",
-             "cowfs.objects"]  # fmt: skip
-    code = ("import sys, cowfs.cli, cowfs.cli.runcmd, runtime.container\n"
+             "cowfs.objects", "cowfs.index"]  # fmt: skip
+    code = ("import sys, cowfs.cli, cowfs.cli.runcmd, runtime.container, cowfs.mounting\n"
             f"print([m for m in {heavy!r} if m in sys.modules])\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout == "[]\n", out.stderr
+
+
+def test_the_fuse_daemons_imports_do_not_load_dataclasses() -> None:
+    """A container's daemon imports these on the way to its first instruction (mounter.py)."""
+    code = ("import sys, cowfs.fuse, cowfs.mounting, cowfs.store\n"
+            "cowfs.fuse.preload()\n"
+            "print([m for m in ('dataclasses', 'inspect') if m in sys.modules])\n")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout == "[]\n", out.stderr

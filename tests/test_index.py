@@ -117,11 +117,12 @@ def test_damaged_cache_is_corruption() -> None:
 
 
 def test_cache_columns_follow_the_entry_fields() -> None:
-    import dataclasses
+    import inspect
 
     from cowfs.index import _ENTRY_FIELDS
 
-    assert ("path", *_ENTRY_FIELDS) == tuple(f.name for f in dataclasses.fields(Entry))
+    assert ("path", *_ENTRY_FIELDS) == Entry.__slots__
+    assert Entry.__slots__ == tuple(inspect.signature(Entry).parameters)
 
 
 def test_cache_loads_directories_on_first_use(tmp_path) -> None:

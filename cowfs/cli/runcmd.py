@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from cowfs.store import Store
+    from runtime.mounter import CowfsMounter
 
 
 class Opt(NamedTuple):
@@ -54,9 +55,10 @@ RUN_OPTIONS: tuple[Opt, ...] = (
 _BY_NAME = {name: opt for opt in RUN_OPTIONS for name in opt.names}
 
 
-def execute(store: Store, values: dict[str, Any], image: str, command: list[str]) -> int:
+def execute(store: Store, values: dict[str, Any], image: str, command: list[str],
+            mounter: CowfsMounter | None = None) -> int:  # fmt: skip
     """The body of `cowfs run` (either parser): the container's exit code when attached, 0
-    when detached (its id is printed)."""
+    when detached (its id is printed). `mounter` may have its daemon prepared already."""
     from cowfs.errors import InvalidInput, NotFound
     from runtime.container import Runtime, _phase
     from runtime.spec import RunOptions
@@ -71,7 +73,7 @@ def execute(store: Store, values: dict[str, Any], image: str, command: list[str]
         memory=v["memory"], pids_limit=v["pids_limit"], cpus=v["cpus"], tty=v["tty"],
         interactive=v["interactive"],
     )  # fmt: skip
-    rt = Runtime(store)
+    rt = Runtime(store, mounter=mounter)
     try:
         store.resolve(image)
     except NotFound:
@@ -204,14 +206,27 @@ def quick_main(args: list[str]) -> int | None:
 
     try:
         from cowfs.paths import default_root
+
+        root = root or default_root()
+        mounter = None
+        if not values["detach"]:
+            # Its FUSE daemon starts now, on the other CPU, while this process imports the
+            # store and the runtime and sets the container up. (Detached, the monitor process
+            # mounts: it forks its own.)
+            from runtime.mounter import CowfsMounter
+
+            mounter = CowfsMounter()
+            mounter.prepare(root, image)
         from cowfs.store import Store
 
-        store = Store(root or default_root())
+        store = Store(root)
         try:
             store.resolve(image)
         except NotFound:
+            if mounter is not None:
+                mounter.cancel()
             return None  # a pull shows click's progress bar: the full CLI does it
-        code = execute(store, values, image, command)
+        code = execute(store, values, image, command, mounter)
     except CowfsError as exc:
         sys.stderr.write(f"Error: {exc.message}\n")
         sys.stderr.flush()
