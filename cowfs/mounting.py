@@ -321,17 +321,17 @@ def is_mounted(mountpoint: str | os.PathLike) -> bool:
     return False
 
 
-def umount(mountpoint: str | os.PathLike, *, lazy: bool = False) -> None:
-    """Flush the mount, unmount it and wait until its daemon has exited."""
+def umount(mountpoint: str | os.PathLike, *, lazy: bool = False, pid: int | None = None) -> None:
+    """Flush the mount, unmount it and wait until its daemon (`pid`, else the one its pid file
+    names) has exited."""
     mountpoint = os.path.abspath(mountpoint)
     if not is_mounted(mountpoint):
         raise NotFound(f"{mountpoint} is not mounted")
-    pidfile = _pidfile(mountpoint)
-    pid = None
-    try:
-        pid = json.loads(pidfile.read_text())["pid"]
-    except (FileNotFoundError, ValueError, KeyError):
-        pass
+    if pid is None:
+        try:
+            pid = json.loads(_pidfile(mountpoint).read_text())["pid"]
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
     try:
         fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
         try:

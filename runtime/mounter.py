@@ -199,8 +199,9 @@ class CowfsMounter:
         from cowfs import mounting
 
         mountpoint = os.path.abspath(mountpoint)
-        mounting.umount(mountpoint)
         pid = self._daemons.pop(mountpoint, None)
+        # With the pid known, umount need not find the daemon's pid file (hashlib: ~5 ms).
+        mounting.umount(mountpoint, pid=pid)
         if pid is not None:
             os.waitpid(pid, 0)  # the daemon exits once unmounted: nothing is left running
 
