@@ -73,7 +73,6 @@ PREFILL_MAX = min(int(os.environ.get("COWFS_PREFILL_KIB", "256")), 1 << 20) << 1
 BUFSIZE = MAX_WRITE + (1 << 16)  # a write's data plus its headers, or a 64 KiB xattr value
 
 _NO_REPLY = object()
-_ENTRY_TAIL = (CACHE_TIMEOUT, CACHE_TIMEOUT, 0, 0)
 _S_IFMT = 0o170000
 _NEGATIVE = P.ENTRY_OUT.pack(0, 0, CACHE_TIMEOUT, 0, 0, 0, *([0] * 16))
 
@@ -103,6 +102,15 @@ class _Node:
         self.no_xattr: set[bytes] | None = None
         self.xgen = 0
         self.filled = False  # its whole content was stored in the kernel's page cache (_open)
+
+
+def _attr_valid(a: dict[str, int]) -> int:
+    """How long the kernel may keep a node's attributes: not at all for a regular file of
+    several names. Each name is a kernel inode of its own here, and a write through a handle
+    passed through to the host file (one opened before `ln`) reaches the file without us."""
+    if a["st_nlink"] > 1 and a["st_mode"] & _S_IFMT == 0o100000:  # S_IFREG
+        return 0
+    return CACHE_TIMEOUT
 
 
 def _attr(a: dict[str, int]) -> tuple[int, ...]:
@@ -381,7 +389,8 @@ class Engine:
             self._nodes[node.id] = node
             self._names[(parent, name)] = node
         node.nlookup += 1
-        return P.ENTRY_OUT.pack(node.id, 0, *_ENTRY_TAIL, *_attr(attrs))
+        return P.ENTRY_OUT.pack(node.id, 0, CACHE_TIMEOUT, _attr_valid(attrs), 0, 0,
+                                *_attr(attrs))  # fmt: skip
 
     def _detach(self, parent: int, name: str) -> None:
         node = self._names.pop((parent, name), None)
@@ -413,7 +422,7 @@ class Engine:
 
     @staticmethod
     def _attr_out(attrs: dict[str, int]) -> bytes:
-        return P.ATTR_OUT.pack(CACHE_TIMEOUT, 0, 0, *_attr(attrs))
+        return P.ATTR_OUT.pack(_attr_valid(attrs), 0, 0, *_attr(attrs))
 
     # -- handlers: session ----------------------------------------------------------------------
 
@@ -426,7 +435,7 @@ class Engine:
         self._proto_minor = minor
         want = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.AUTO_INVAL_DATA
                 | P.DO_READDIRPLUS | P.PARALLEL_DIROPS | P.MAX_PAGES | P.CACHE_SYMLINKS
-                | P.INIT_EXT)  # fmt: skip
+                | P.INIT_EXT | P.DIRECT_IO_ALLOW_MMAP)  # fmt: skip
         if self.writeback:
             want |= P.WRITEBACK_CACHE
         elif self.passthrough and os.geteuid() == 0:
@@ -617,6 +626,10 @@ class Engine:
         node.fhs.append(fh)
         if backing:
             return P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH, backing)
+        if self.passthrough and self.fs.linked(fh):
+            # Another name of this file may have a handle passed through (opened before `ln`),
+            # whose writes reach the host file without us: no page cache under this name.
+            return P.OPEN_OUT.pack(fh, P.FOPEN_DIRECT_IO, 0)
         return P.OPEN_OUT.pack(fh, P.FOPEN_KEEP_CACHE if keep else 0, 0)
 
     def _prefill(self, node: _Node, fh: int) -> None:

@@ -648,7 +648,7 @@ class UnionFS:
             raise
         self._record(path, REG)
         ino = self._ino[path] = UPPER_INO_BASE + st.st_ino  # born in the upper: no origin
-        return self._add_handle(Handle(ino, fd=fd))
+        return self._add_handle(Handle(ino, fd=fd, path=path))
 
     @staticmethod
     def _own(fd: int, uid: int, gid: int, mode: int) -> os.stat_result:
@@ -693,7 +693,8 @@ class UnionFS:
         if h.fd < 0:
             raise err(errno.EBADF)
         n = os.pwrite(h.fd, data, offset)
-        if h.host_ino is not None:
+        # A file may have got more names since it was opened (`ln`): ask now, not at open.
+        if h.host_ino is not None or h.path in self._link_of:
             with self._lock:  # the link bookkeeping changes under the lock (threaded loop)
                 others = self._others(h.path, h.host_ino)
             self._changed(others)
@@ -705,7 +706,14 @@ class UnionFS:
         verified on every read (DESIGN decision 4), and a write to a hard-linked file must
         reach write() so the kernel's caches of its other names are dropped."""
         h = self._handle(fh)
-        return h.fd if h.fd >= 0 and h.host_ino is None else -1
+        return h.fd if h.fd >= 0 and h.host_ino is None and h.path not in self._link_of else -1
+
+    def linked(self, fh: int) -> bool:
+        """Whether upper file handle `fh` is of a file with other names now: what the kernel
+        caches under those names goes stale with each write that passthrough keeps from us
+        (see the native engine's _open)."""
+        h = self._handle(fh)
+        return h.fd >= 0 and (h.host_ino is not None or h.path in self._link_of)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)

@@ -379,6 +379,33 @@ def test_lower_hard_links_are_one_inode_and_stay_linked_after_copy_up(union: Uni
     assert os.lstat(union.m("h1")).st_nlink == 1
 
 
+def test_names_of_a_linked_file_agree_with_a_handle_opened_before_the_link(union: Union) -> None:
+    """One inode under two names, as in kernel overlayfs: a write through a handle opened
+    before `ln` (passed through to the host file, where the kernel grants it) is what the new
+    name reads and stats at once, through a handle opened after, and through its mapping."""
+    with open(union.m("new"), "w") as f:
+        f.write("aaaa")
+    before = os.open(union.m("new"), os.O_RDWR)
+    try:
+        os.link(union.m("new"), union.m("alias"))
+        after = os.open(union.m("alias"), os.O_RDWR)
+        try:
+            assert os.pread(after, 100, 0) == b"aaaa"
+            assert os.fstat(after).st_size == 4
+            os.pwrite(before, b"bbbbcc", 0)
+            assert os.pread(after, 100, 0) == b"bbbbcc"
+            assert os.fstat(after).st_size == os.stat(union.m("alias")).st_size == 6
+            with mmap.mmap(after, 6) as view:
+                assert view[:] == b"bbbbcc"
+            os.pwrite(after, b"X", 0)
+            assert os.pread(before, 100, 0) == b"Xbbbcc"
+        finally:
+            os.close(after)
+    finally:
+        os.close(before)
+    assert read(union.m("new")) == read(union.m("alias")) == "Xbbbcc"
+
+
 def test_unlinking_one_lower_alias_updates_nlink(union: Union) -> None:
     os.unlink(union.m("d/h2"))
     assert os.lstat(union.m("h1")).st_nlink == 1
