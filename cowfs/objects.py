@@ -33,6 +33,7 @@ object is not where they last saw it).
 from __future__ import annotations
 
 import bisect
+import fcntl
 import functools
 import mmap
 import os
@@ -240,14 +241,10 @@ class ObjectReader:
         cached. The map is safe: objects are never modified in place (written aside, renamed),
         and an unlinked one stays mapped.
         """
-        if self._map is None:
-            m = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
-            m.madvise(mmap.MADV_SEQUENTIAL)  # a fault reads ahead, as a read() would
-            self._map = memoryview(m)
+        view = self._mapped()
         j = bisect.bisect_left(self._starts, end)
         if j < len(self._starts):
             _prefetch(self._fd, self._starts[j])
-        view = self._map
         for k in range(i, j):
             lo = self._starts[k]
             if _frame_checksum(view[lo : lo + self._csizes[k]]) != self._checks[k]:
@@ -269,6 +266,9 @@ class ObjectReader:
         if self.size == 0:
             return
         loose = self._fd >= 0
+        if loose and self._raw:
+            self._copy_raw_into(fd, written)
+            return
         if loose:
             # Ask for the stored bytes _COPY_AHEAD ahead of the copy: the disk reads them while
             # frames are checked and written, instead of after (the reads do not block).
@@ -282,6 +282,66 @@ class ObjectReader:
             self._write_batch(fd, first, frames)
             if written is not None and end < len(self._starts):
                 written(self._starts[first], self._starts[end] - self._starts[first])
+
+    def _copy_raw_into(self, fd: int, written: Callable[[int, int], None] | None) -> None:
+        """copy_into of a loose raw object, whose bytes sit at their own offsets in its file:
+        the kernel copies each stretch (copy_file_range: the disk read and the copy happen in
+        the kernel, no byte passes through this process), and then its frames are verified
+        where the copy put them: in a map of `fd` itself when it is open for reading and sized
+        already, as for a copy-up (the copy's dirty pages are what will reach the disk), else
+        in a map of the object.
+
+        Measured on the bench's 256 MiB copy-up from a cold cache, fdatasync included, 5 runs:
+        reading into a buffer, verifying there and writing it out took 0.46-0.73 s (median
+        0.52); this 0.43-0.97 (median 0.46), against kernel overlayfs' 0.50 and fuse-overlayfs'
+        0.23 (no fdatasync: the rest is the disk writing the copy)."""
+        checks, starts, csizes = self._checks, self._starts, self._csizes
+        readable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+                    and os.fstat(fd).st_size >= self.size)  # fmt: skip
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        copy = mmap.mmap(fd, self.size, prot=mmap.PROT_READ) if readable else None
+        try:
+            view = memoryview(copy) if copy is not None else self._mapped()
+            k, n = 0, len(starts)
+            while k < n:
+                first = starts[k]
+                j = bisect.bisect_left(starts, first + _COPY_STEP, k + 1)
+                stop = starts[j] if j < n else self.size
+                run = first  # the start of the stretch not yet copied
+                for i in range(k, j):
+                    lo, size = starts[i], csizes[i]
+                    # A zero frame stays a hole: its checksum says which may be, the bytes
+                    # decide (a frame made to collide is copied, and verified, as any other).
+                    zero = checks[i] == _zero_checksum(size)
+                    if zero and self._mapped()[lo : lo + size] == bytes(size):
+                        self._copy_range(fd, run, lo)
+                        run = lo + size
+                self._copy_range(fd, run, stop)
+                for i in range(k, j):
+                    lo = starts[i]
+                    if _frame_checksum(view[lo : lo + csizes[i]]) != checks[i]:
+                        raise Corruption(f"object {self.digest}: frame {i} checksum mismatch")
+                k = j
+                if written is not None and stop < self.size:
+                    written(first, stop - first)
+        finally:
+            if copy is not None:
+                view.release()
+                copy.close()
+
+    def _copy_range(self, fd: int, start: int, end: int) -> None:
+        while start < end:
+            copied = os.copy_file_range(self._fd, fd, end - start, start, start)
+            if copied <= 0:
+                raise Corruption(f"object {self.digest}: shorter than its trailer says")
+            start += copied
+
+    def _mapped(self) -> memoryview:
+        if self._map is None:
+            m = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
+            m.madvise(mmap.MADV_SEQUENTIAL)  # a fault reads ahead, as a read() would
+            self._map = memoryview(m)
+        return self._map
 
     def _spans(self) -> Iterator[tuple[int, int, int]]:
         """(first frame, end frame, stored bytes) of runs of frames read in one go."""
@@ -408,6 +468,7 @@ def _prefetcher(q: queue.SimpleQueue[tuple[int, int]]) -> None:
 
 _COPY_READ = 1 << 20  # bytes per read and write of a copy_into: more measured slower here
 _COPY_AHEAD = 16 << 20  # how far ahead of a copy_into its stored bytes are asked for
+_COPY_STEP = 8 << 20  # a raw copy_into verifies, copies and reports `written` this much at a time
 
 
 @functools.lru_cache(maxsize=16)

@@ -1243,7 +1243,8 @@ class UnionFS:
         w = self.work
         try:
             if e.kind == REG:
-                fd = w.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                # Read and write: a raw object's copy is verified where it was written.
+                fd = w.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     if data and e.size:
                         # The size first: zero frames that are not written stay holes, and

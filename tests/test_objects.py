@@ -88,10 +88,15 @@ def test_flipped_byte_is_corruption_not_wrong_bytes(store: ObjectStore, kind: st
 
 @pytest.mark.parametrize("kind", ["text", "random"])
 @pytest.mark.parametrize("read", [objects._COPY_READ, 3 * FRAME_SIZE], ids=["big", "batched"])
+@pytest.mark.parametrize("sized", [False, True], ids=["empty", "sized"])
 def test_copy_into_writes_verified_bytes_and_keeps_zero_frames_as_holes(
-    store: ObjectStore, tmp_path: Path, kind: str, read: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    store: ObjectStore, tmp_path: Path, kind: str, read: int, sized: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """`sized`: the target has its size already, as a copy-up's has (a raw object's copy is
+    then verified in the target)."""
     monkeypatch.setattr(objects, "_COPY_READ", read)  # several reads, several writes
+    monkeypatch.setattr(objects, "_COPY_STEP", read)
 
     def body(n: int) -> bytes:
         return text(n) if kind == "text" else os.urandom(n)
@@ -104,6 +109,8 @@ def test_copy_into_writes_verified_bytes_and_keeps_zero_frames_as_holes(
     out = tmp_path / "copy"
     fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        if sized:
+            os.ftruncate(fd, len(data))
         with store.open(d) as r:
             r.copy_into(fd)
         os.ftruncate(fd, len(data))
@@ -114,7 +121,9 @@ def test_copy_into_writes_verified_bytes_and_keeps_zero_frames_as_holes(
 
 
 @pytest.mark.parametrize("kind", ["text", "random"])
-def test_copy_into_refuses_a_damaged_frame(store: ObjectStore, tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("sized", [False, True], ids=["empty", "sized"])
+def test_copy_into_refuses_a_damaged_frame(store: ObjectStore, tmp_path: Path, kind: str,
+                                           sized: bool) -> None:  # fmt: skip
     data = text(20 * FRAME_SIZE) if kind == "text" else os.urandom(20 * FRAME_SIZE)
     d = store.put_bytes(data)
     p = store.path(d)
@@ -123,6 +132,8 @@ def test_copy_into_refuses_a_damaged_frame(store: ObjectStore, tmp_path: Path, k
     os.chmod(p, 0o644)
     p.write_bytes(bytes(blob))
     fd = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+    if sized:
+        os.ftruncate(fd, len(data))
     try:
         with ObjectStore(store.root, store.tmp).open(d) as r, pytest.raises(Corruption):
             r.copy_into(fd)
