@@ -404,3 +404,47 @@ def test_exec_with_a_terminal(cowfs: Cowfs) -> None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def test_a_prepared_daemon_is_used_by_its_store_and_exits_when_not(
+    busybox_image: tuple[Path, str], tmp_path: Path
+) -> None:
+    """`cowfs run` forks its FUSE daemon early (runtime/mounter.py). One nobody uses exits and
+    is reaped; one prepared for another store is let go, and a fresh one mounts this one."""
+    from cowfs.store import Store
+    from runtime.mounter import CowfsMounter, is_mounted
+
+    need_fuse()
+    root, ref = busybox_image
+    second = tmp_path / "second"
+    m = CowfsMounter()
+    m.prepare(root, ref)
+    assert m._early is not None
+    unused = m._early[1]
+    m.cancel()
+    assert not os.path.exists(f"/proc/{unused}")  # exited and reaped: not even a zombie
+    m.prepare(tmp_path / "another-store", ref)
+    assert m._early is not None
+    elsewhere = m._early[1]
+    store = Store(root)
+    dirs = {k: tmp_path / k for k in ("mnt", "upper", "work")}
+    for d in dirs.values():
+        d.mkdir()
+    pid = m.start(store, store.resolve(ref).id, str(dirs["mnt"]), upper=str(dirs["upper"]),
+                  work=str(dirs["work"])).wait()  # fmt: skip
+    try:
+        assert pid != elsewhere and not os.path.exists(f"/proc/{elsewhere}")
+        assert "busybox" in os.listdir(dirs["mnt"] / "bin")
+        m.prepare(root, ref)  # and the prepared one of the right store mounts
+        assert m._early is not None
+        early = m._early[1]
+        for k in ("mnt", "upper", "work"):
+            (second / k).mkdir(parents=True)
+        got = m.start(store, store.resolve(ref).id, str(second / "mnt"),
+                      upper=str(second / "upper"), work=str(second / "work")).wait()  # fmt: skip
+        assert got == early and "busybox" in os.listdir(second / "mnt" / "bin")
+    finally:
+        for mnt in (dirs["mnt"], second / "mnt"):
+            if is_mounted(mnt):
+                m.umount(str(mnt))
+    assert not os.path.exists(f"/proc/{pid}") and not os.path.exists(f"/proc/{early}")
