@@ -125,9 +125,11 @@ class CowfsMounter:
         why when `start` hands it its mount."""
         if self._early is not None:
             return
-        root = os.path.abspath(root)
+        from pathlib import Path
+
+        root = str(Path(root).absolute())  # as Store has it, which start() compares with
         ours, theirs = socket.socketpair()
-        pid = self._fork(theirs, "cowfs-fuse (starting)", lambda: _early_daemon(root, ref, theirs))
+        pid = self._fork(theirs, root, ref)
         theirs.close()
         self._early = (root, pid, ours)
 
@@ -140,37 +142,29 @@ class CowfsMounter:
 
     def start(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
               read_only: bool = False) -> PendingMount:  # fmt: skip
+        """Have the prepared daemon (forked now if there is none) mount image `ref` of `store`
+        at `mountpoint`; the returned PendingMount waits until it is live."""
         mountpoint = os.path.abspath(mountpoint)
         table = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - closed by wait()
-        early, self._early = self._early, None
-        if early is not None and early[0] == str(store.root):
-            pid, link = early[1], early[2]
-            order = {"ref": ref, "mountpoint": mountpoint, "upper": upper, "work": work,
-                     "read_only": read_only}  # fmt: skip
-            try:
-                link.sendall(json.dumps(order).encode())
-                link.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # it died already: PendingMount reads why from the link
-            return PendingMount(self, pid, mountpoint, link, table)
-        if early is not None:  # prepared for another store: it exits
-            self._early = early
-            self.cancel()
-        ours, theirs = socket.socketpair()
-
-        def serve() -> None:
-            from cowfs import mounting
-
-            mounting.mount(store, ref, mountpoint, upper=upper, work=work, read_only=read_only,
-                           foreground=True)  # fmt: skip
-
-        pid = self._fork(theirs, f"cowfs-fuse {mountpoint}", serve)
-        theirs.close()
-        return PendingMount(self, pid, mountpoint, ours, table)
+        if self._early is not None and self._early[0] != str(store.root):
+            self.cancel()  # prepared for another store: it exits
+        if self._early is None:
+            self.prepare(store.root, ref)
+        assert self._early is not None
+        _, pid, link = self._early
+        self._early = None
+        order = {"ref": ref, "mountpoint": mountpoint, "upper": upper, "work": work,
+                 "read_only": read_only}  # fmt: skip
+        try:
+            link.sendall(json.dumps(order).encode())
+            link.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # it died already: PendingMount reads why from the link
+        return PendingMount(self, pid, mountpoint, link, table)
 
     @staticmethod
-    def _fork(link: socket.socket, title: str, body: Callable[[], None]) -> int:
-        """Fork a daemon that runs `body`; its errors go to `link` as one line."""
+    def _fork(link: socket.socket, root: str, ref: str) -> int:
+        """Fork a daemon (_early_daemon); its errors go to `link` as one line."""
         # The library find_library("fuse3") would return, named directly: find_library runs
         # `ldconfig -p` in a subprocess, 10-80 ms of every container start here.
         os.environ.setdefault("FUSE_LIBRARY_PATH", "libfuse3.so.3")
@@ -186,8 +180,8 @@ class CowfsMounter:
             from runtime import process
 
             os.setsid()  # terminal signals to the caller must not take the mount down
-            process.detach(fd, title)
-            body()
+            process.detach(fd, "cowfs-fuse (starting)")
+            _early_daemon(root, ref, link)
             code = 0
         except CowfsError as exc:
             _report(fd, exc.message)
