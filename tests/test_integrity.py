@@ -215,3 +215,41 @@ def test_damaged_index_cache_is_rebuilt(tmp_path: Path, image) -> None:
         for rel, data in content.items():
             assert (mnt / rel).read_bytes() == data
     assert cowfs_cli(store.root, "fsck").returncode == 0
+
+
+def test_a_damaged_small_file_fails_its_first_open_and_leaves_no_handle(image) -> None:
+    """The native engine reads a small lower file whole at its first open (Engine._prefill):
+    damage is EIO at that open, and the handle the union opened for it is released, in the
+    engine's node and in the union alike. In process, without a kernel: nothing is written to
+    /dev/fuse before the content is verified."""
+    from cowfs import fuseproto as P
+    from cowfs.errors import Corruption
+    from cowfs.fuseengine import Engine
+    from cowfs.mounting import build_image_fs
+
+    store, content = image
+    rel = "data/small.txt"
+    path, base, length = store.objects.location(digest_of(store, "victim:1", rel))
+    flip(path, 10, span=(base, length))
+    fs = build_image_fs(store, "victim:1", None, None, True)
+    engine = Engine(fs, -1, "/nonexistent", passthrough=False)
+    data = engine._entry(P.ROOT_ID, "data", fs.getattr("data"))
+    data_id = P.ENTRY_OUT.unpack_from(data)[0]
+    small_id = P.ENTRY_OUT.unpack_from(engine._entry(data_id, "small.txt", fs.getattr(rel)))[0]
+    open_in = memoryview(P.OPEN_IN.pack(os.O_RDONLY, 0))
+    for _ in range(3):
+        with pytest.raises(Corruption):
+            engine._open(small_id, 0, 0, open_in)
+    assert engine._nodes[small_id].fhs == [] and not engine._nodes[small_id].filled
+    assert fs._handles == {}
+    # The control: an intact small file of the same image opens, holds its handle until its
+    # release, and reads right (its store to the page cache fails here, on fd -1: it is then
+    # read by READ requests, as without prefill).
+    keep = P.ENTRY_OUT.unpack_from(engine._entry(P.ROOT_ID, "keep", fs.getattr("keep")))[0]
+    intact = P.ENTRY_OUT.unpack_from(
+        engine._entry(keep, "another.bin", fs.getattr("keep/another.bin")))[0]
+    fh = P.OPEN_OUT.unpack_from(engine._open(intact, 0, 0, open_in))[0]
+    assert engine._nodes[intact].fhs == [fh] and list(fs._handles) == [fh]
+    assert bytes(fs.read(fh, 1 << 20, 0)) == content["keep/another.bin"]
+    engine._release(intact, 0, 0, memoryview(P.RELEASE_IN.pack(fh, 0, 0, 0)))
+    assert engine._nodes[intact].fhs == [] and fs._handles == {}
