@@ -311,10 +311,7 @@ class ObjectReader:
                 run = first  # the start of the stretch not yet copied
                 for i in range(k, j):
                     lo, size = starts[i], csizes[i]
-                    # A zero frame stays a hole: its checksum says which may be, the bytes
-                    # decide (a frame made to collide is copied, and verified, as any other).
-                    zero = checks[i] == _zero_checksum(size)
-                    if zero and self._mapped()[lo : lo + size] == bytes(size):
+                    if _is_zero_frame(checks[i], self._mapped()[lo : lo + size]):  # a hole
                         self._copy_range(fd, run, lo)
                         run = lo + size
                 self._copy_range(fd, run, stop)
@@ -356,24 +353,16 @@ class ObjectReader:
             i = j
 
     def _raw_batches(self) -> Iterator[tuple[int, list[memoryview]]]:
-        # Big reads into one reused buffer: each batch is written before the next read. A
-        # packed object is in memory already.
-        packed = self._blob is not None
-        view = memoryview(self._blob if packed else bytearray(min(_COPY_READ, self.size)))
+        # A packed raw object (a loose one is copied by _copy_raw_into): in memory already.
+        view = memoryview(self._blob)  # type: ignore[arg-type]
         for i, j, want in self._spans():
-            if packed:
-                if len(view) < self._offsets[i] + want:
-                    raise Corruption(f"object {self.digest}: frame {j - 1} truncated")
-                yield i, [view[s : s + n] for s, n in zip(self._offsets[i:j], self._csizes[i:j],
-                                                          strict=True)]  # fmt: skip
-                continue
-            if os.preadv(self._fd, [view[:want]], self._offsets[i]) != want:
+            if len(view) < self._offsets[i] + want:
                 raise Corruption(f"object {self.digest}: frame {j - 1} truncated")
-            yield i, [view[s - self._starts[i] : s - self._starts[i] + self._csizes[k]]
-                      for k, s in zip(range(i, j), self._starts[i:j], strict=True)]  # fmt: skip
+            yield i, [view[s : s + n] for s, n in zip(self._offsets[i:j], self._csizes[i:j],
+                                                      strict=True)]  # fmt: skip
 
     def _decompressed_batches(self) -> Iterator[tuple[int, list[bytes]]]:
-        dctx = zstandard.ZstdDecompressor()
+        dctx = _decompressor()
         for i, j, want in self._spans():
             blob = memoryview(self._pread(want, self._offsets[i]))
             if len(blob) != want:
@@ -403,8 +392,7 @@ class ObjectReader:
             check = _frame_checksum(data)
             if check != self._checks[i]:
                 raise Corruption(f"object {self.digest}: frame {i} checksum mismatch")
-            # A zero frame is recognised by its checksum first: the byte compare runs only then.
-            if check == _zero_checksum(len(data)) and bytes(data) == bytes(len(data)):
+            if _is_zero_frame(check, data):
                 _pwrite_all(fd, run, run_at)
                 run = []
                 continue
@@ -473,6 +461,12 @@ _COPY_STEP = 8 << 20  # a raw copy_into verifies, copies and reports `written` t
 
 
 @functools.lru_cache(maxsize=16)
+def _is_zero_frame(check: int, data: bytes | memoryview) -> bool:
+    """Whether a frame (with checksum `check`) is all zeros: the checksum says which frames may
+    be, the bytes decide (a frame made to collide is data like any other)."""
+    return check == _zero_checksum(len(data)) and data == bytes(len(data))
+
+
 def _zero_checksum(n: int) -> int:
     return _frame_checksum(bytes(n))
 

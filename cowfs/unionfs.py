@@ -693,8 +693,7 @@ class UnionFS:
         if h.fd < 0:
             raise err(errno.EBADF)
         n = os.pwrite(h.fd, data, offset)
-        # A file may have got more names since it was opened (`ln`): ask now, not at open.
-        if h.host_ino is not None or h.path in self._link_of:
+        if self._has_links(h):
             with self._lock:  # the link bookkeeping changes under the lock (threaded loop)
                 others = self._others(h.path, h.host_ino)
             self._changed(others)
@@ -706,14 +705,18 @@ class UnionFS:
         verified on every read (DESIGN decision 4), and a write to a hard-linked file must
         reach write() so the kernel's caches of its other names are dropped."""
         h = self._handle(fh)
-        return h.fd if h.fd >= 0 and h.host_ino is None and h.path not in self._link_of else -1
+        return h.fd if h.fd >= 0 and not self._has_links(h) else -1
 
     def linked(self, fh: int) -> bool:
         """Whether upper file handle `fh` is of a file with other names now: what the kernel
         caches under those names goes stale with each write that passthrough keeps from us
         (see the native engine's _open)."""
         h = self._handle(fh)
-        return h.fd >= 0 and (h.host_ino is not None or h.path in self._link_of)
+        return h.fd >= 0 and self._has_links(h)
+
+    def _has_links(self, h: Handle) -> bool:
+        # A file may have got more names since it was opened (`ln`): asked now, not at open.
+        return h.host_ino is not None or h.path in self._link_of
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)

@@ -191,7 +191,8 @@ def _pack(store: ObjectStore, datas: list[bytes]) -> list[str]:
 
 
 def test_packed_objects_copy_into_like_loose_ones(store: ObjectStore, tmp_path: Path) -> None:
-    datas = [text(3 * FRAME_SIZE + 5), os.urandom(FRAME_SIZE) + bytes(FRAME_SIZE) + b"y", b"x"]
+    datas = [text(3 * FRAME_SIZE + 5), os.urandom(FRAME_SIZE) + bytes(FRAME_SIZE) + b"y", b"x",
+             os.urandom(2 * FRAME_SIZE + 7)]  # the last incompressible: a packed raw object
     for d, data in zip(_pack(store, datas), datas, strict=True):
         assert store.packed(d)
         fd = os.open(tmp_path / d, os.O_RDWR | os.O_CREAT, 0o600)
