@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
-from typing import Any
+
+from cowfs import fastjson
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new content."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{os.urandom(4).hex()}")
+    parent, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(parent, f".{name}.tmp.{os.getpid()}.{os.urandom(4).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -25,11 +28,11 @@ def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Non
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    fsync_dir(parent or ".")
 
 
 def write_json_atomic(path: str | os.PathLike, doc: Any) -> None:
-    write_atomic(path, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+    write_atomic(path, fastjson.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from cowfs.errors import CowfsError
 
+TYPE_CHECKING = False  # annotations only (docs/ARCHITECTURE.md, "The start path")
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from cowfs.unionfs import UnionFS
 
 CACHE_TIMEOUT = 86400.0  # seconds, for entries, attributes and negative entries: decision 2

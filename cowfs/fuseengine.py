@@ -41,22 +41,25 @@ still reads (and verifies) the whole file, up to COWFS_PREFILL_KIB.
 
 from __future__ import annotations
 
+import _signal
+import _thread  # threading, queue and signal load functools, collections and enum (~10 ms)
 import errno
 import os
-import queue
 import select
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from _queue import SimpleQueue
 
 from cowfs import fuse, fusedev
 from cowfs import fuseproto as P
 from cowfs.errors import CowfsError
 from cowfs.fusedev import raise_readahead
 from cowfs.unionfs import UTIME_NOW, UTIME_OMIT, Owner, UnionFS
+
+TYPE_CHECKING = False  # annotations only (docs/ARCHITECTURE.md, "The start path")
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 CACHE_TIMEOUT = int(fuse.CACHE_TIMEOUT)  # seconds: see DESIGN decision 2
 INVALIDATE_WAIT = 0.2  # seconds; normally done in microseconds
@@ -162,9 +165,8 @@ class Engine:
         self._next_id = P.ROOT_ID + 1
         self._dirs: dict[int, list[tuple[str, dict[str, int]]]] = {}  # node -> listing
         self._proto_minor = 0
-        self._queue: queue.SimpleQueue[tuple[list[int], threading.Event] | None] = (
-            queue.SimpleQueue()
-        )
+        # (nodes, a held lock released when they are done) for the invalidator thread
+        self._queue: SimpleQueue[tuple[list[int], Any] | None] = SimpleQueue()
         self._waiting = False
         self._stop = False
         self._xgen = 1  # bumped by every setxattr/removexattr: see _Node.no_xattr
@@ -298,16 +300,16 @@ class Engine:
 
     def stop_on_signals(self) -> None:
         """SIGINT/SIGTERM/SIGHUP end the loop and detach the mount, as libfuse does."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-
         def handler(signum: int, frame: Any) -> None:
             self._stop = True
             if self._waiting:
                 raise _Stop
 
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, handler)
+        for sig in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+            try:
+                _signal.signal(sig, handler)
+            except ValueError:
+                return  # not the main thread: signals are not ours to handle
 
     # -- invalidation of other names ------------------------------------------------------------
 
@@ -326,17 +328,18 @@ class Engine:
                         )
                     except OSError:
                         pass  # ENOENT: the kernel forgot the inode meanwhile
-                done.set()
+                done.release()
 
-        threading.Thread(target=run, name="cowfs-invalidate", daemon=True).start()
+        _thread.start_new_thread(run, ())
         self.fs.notify = self._invalidate
 
     def _invalidate(self, paths: list[str]) -> None:
         nodes = [n for p in paths if (n := self._node_of_path(p)) is not None]
         if nodes:
-            done = threading.Event()
+            done = _thread.allocate_lock()
+            done.acquire()
             self._queue.put((nodes, done))
-            done.wait(INVALIDATE_WAIT)
+            done.acquire(timeout=INVALIDATE_WAIT)
 
     def _node_of_path(self, path: str) -> int | None:
         nid = P.ROOT_ID
@@ -451,7 +454,7 @@ class Engine:
                               max_readahead, got & 0xFFFFFFFF,
                               16, 12, MAX_WRITE, 1, MAX_PAGES, 0, got >> 32,
                               1 if self.passthrough else 0)  # fmt: skip
-        threading.Thread(target=self._ready, name="cowfs-ready", daemon=True).start()
+        _thread.start_new_thread(self._ready, ())
         return out
 
     def _ready(self) -> None:

@@ -22,19 +22,22 @@ only the table; a directory's record is decoded on the first lookup below it, so
 
 from __future__ import annotations
 
+import _thread
 import marshal
 import mmap
 import os
 import struct
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import xxhash
 
 from cowfs.errors import Corruption
 from cowfs.record import field, record
 from cowfs.toc import DIR, Entry, Toc
+
+TYPE_CHECKING = False  # annotations only (docs/ARCHITECTURE.md, "The start path")
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+    from typing import Any
 
 INDEX_MAGIC = b"COWIDX3\n"
 # Bumped whenever the merge or numbering rules change, so stale caches are never used.
@@ -154,7 +157,7 @@ class _Loader:
         self.targets: tuple[dict, ...] = ()
         # FUSE may call from several threads: a record is decoded and filled in under the lock
         # and only then leaves `dirs`, so a reader never sees a half-filled directory as gone.
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
 
     def below(self, path: str) -> bool:
         """Decode the directory holding `path`; False if there is nothing more to decode."""
@@ -191,7 +194,7 @@ class _Loader:
         dict.update(nlink, zip(paths, nlinks, strict=True))
 
 
-_MISSING: Any = object()
+_MISSING = object()
 
 
 class _Lazy(dict):

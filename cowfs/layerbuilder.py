@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from cowfs.atomic import fsync_dir, write_atomic, write_json_atomic
@@ -187,7 +188,7 @@ class LayerBuilder:
             return layer_id
         # Every object the TOC names is durable and visible before the TOC appears.
         self._packs.publish()
-        stage = store.mkdtemp("layer")
+        stage = Path(store.mkdtemp("layer"))
         try:
             meta = LayerMeta(layer_id, diff_id, dict(blobs or {}), self.toc.content_size(),
                              len(self.toc), time.time())  # fmt: skip

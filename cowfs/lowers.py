@@ -10,30 +10,34 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Protocol
 
 from cowfs.errors import Corruption, NotFound
 from cowfs.hostdir import HostDir, start_writeback
-from cowfs.toc import Entry
+
+# The interfaces are for type checkers only: `typing` is not loaded on a daemon's way to a
+# container's first instruction (docs/ARCHITECTURE.md, "The start path").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+
+    from cowfs.toc import Entry
+
+    class Reader(Protocol):
+        def pread(self, size: int, offset: int) -> bytes | memoryview: ...
+        def close(self) -> None: ...
+
+    class LowerLayer(Protocol):
+        """Where the content of one lower layer's regular files comes from."""
+
+        def open(self, path: str, entry: Entry) -> Reader: ...
+        def known(self, entry: Entry) -> bool: ...  # open() of it succeeded before: may be deferred
+        def copy_into(self, path: str, entry: Entry, fd: int) -> None: ...  # content at offset 0
+        def close(self) -> None: ...
 
 _COPY_CHUNK = 1 << 20
 # copy_fd copies at most this much per call and then starts writing it to the disk, so that the
 # copy's own reads and writes overlap and a following fdatasync waits for the last stretch only.
 _WRITEBACK_STEP = 8 << 20
-
-
-class Reader(Protocol):
-    def pread(self, size: int, offset: int) -> bytes | memoryview: ...
-    def close(self) -> None: ...
-
-
-class LowerLayer(Protocol):
-    """Where the content of one lower layer's regular files comes from."""
-
-    def open(self, path: str, entry: Entry) -> Reader: ...
-    def known(self, entry: Entry) -> bool: ...  # open() of it succeeded before: may be deferred
-    def copy_into(self, path: str, entry: Entry, fd: int) -> None: ...  # content at offset 0
-    def close(self) -> None: ...
 
 
 class _FdReader:

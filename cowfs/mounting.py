@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import select
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from cowfs import fastjson
 from cowfs.errors import Corruption, CowfsError, InvalidInput, MountError, NotFound
 
+# Annotations only: no pathlib, json or typing on a container's start path (docs/ARCHITECTURE.md)
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: a container start never needs it (~4 ms)
     import subprocess
+    from collections.abc import Sequence
+    from typing import Any
 
     # The daemon's side, imported by the daemon: the runtime forks it from a process that
     # must not pay for them (dataclasses, zstandard, xxhash: ~25 ms).
@@ -44,18 +45,26 @@ _GENERIC_OPTIONS = {
 }  # fmt: skip
 
 
-def run_dir() -> Path:
+def run_dir() -> str:
     base = "/run/cowfs" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    path = Path(base) / "mounts" if os.geteuid() == 0 else Path(base) / "cowfs-mounts"
-    path.mkdir(parents=True, exist_ok=True)
+    path = os.path.join(base, "mounts" if os.geteuid() == 0 else "cowfs-mounts")
+    os.makedirs(path, exist_ok=True)
     return path
 
 
-def _pidfile(mountpoint: str) -> Path:
-    import hashlib
+def _pidfile(mountpoint: str) -> str:
+    """<run_dir>/<key>.json; its daemon's log is the same name with .log."""
+    try:
+        from _sha256 import sha256  # what hashlib would give, without its ~5 ms of imports
+    except ImportError:
+        from hashlib import sha256
 
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:32]
-    return run_dir() / f"{key}.json"
+    key = sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:32]
+    return os.path.join(run_dir(), f"{key}.json")
+
+
+def _logfile(pidfile: str) -> str:
+    return pidfile.removesuffix(".json") + ".log"
 
 
 # -- building the filesystem ----------------------------------------------------------------------
@@ -72,10 +81,10 @@ def image_index(store: Any, image: Any) -> MergedIndex:
     global _LAST_INDEX
     from cowfs.index import INDEX_VERSION, MergedIndex, merge
 
-    key = (str(store.root), image.id)
+    key = (store.path(), image.id)
     if _LAST_INDEX is not None and _LAST_INDEX[0] == key:
         return _LAST_INDEX[1]
-    path = Path(store.cache_dir) / f"index-{image.id}-v{INDEX_VERSION}"
+    path = store.path("cache", f"index-{image.id}-v{INDEX_VERSION}")
     try:
         idx = MergedIndex.load(path)
     except (FileNotFoundError, Corruption):  # a damaged cache is rebuilt: it is derived data
@@ -101,7 +110,7 @@ def build_image_fs(store: Any, ref: str, upper: str | None, work: str | None,
     image = store.resolve(ref)
     idx = image_index(store, image)
     layers = [StoredLayer(store.objects) for _ in image.layers]
-    return UnionFS(idx, layers, upper, work, read_only=read_only, space=store.root)
+    return UnionFS(idx, layers, upper, work, read_only=read_only, space=store.path())
 
 
 def build_dir_fs(lowers: Sequence[str], upper: str | None, work: str | None,
@@ -141,10 +150,10 @@ def _spawn(spec: dict[str, Any]) -> int:
     spec = dict(spec, ready_fd=w)
     # The daemon's own errors (an unexpected exception in a FUSE call) go to a log beside its
     # pid file: it has no terminal.
-    log = open(_pidfile(spec["mountpoint"]).with_suffix(".log"), "ab")  # noqa: SIM115
+    log = open(_logfile(_pidfile(spec["mountpoint"])), "ab")  # noqa: SIM115
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cowfs.mounting", "--daemon", json.dumps(spec)],
+            [sys.executable, "-m", "cowfs.mounting", "--daemon", fastjson.dumps(spec)],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -202,7 +211,8 @@ def _daemon_main(spec: dict[str, Any], errors: list[str] | None = None) -> int:
     def ready() -> None:
         nonlocal ready_fd, live
         live = True
-        pidfile.write_text(json.dumps({"pid": os.getpid()}))
+        with open(pidfile, "w") as f:
+            f.write(fastjson.dumps({"pid": os.getpid()}))
         if ready_fd >= 0:
             os.write(ready_fd, b"ready")
             os.close(ready_fd)
@@ -217,10 +227,12 @@ def _daemon_main(spec: dict[str, Any], errors: list[str] | None = None) -> int:
         _tell(ready_fd, f"error {exc.message}", None if live else errors)
         return 2
     finally:
-        pidfile.unlink(missing_ok=True)
-        logfile = pidfile.with_suffix(".log")
-        if logfile.exists() and not logfile.stat().st_size:
-            logfile.unlink(missing_ok=True)
+        for path in (pidfile, _logfile(pidfile)):
+            try:
+                if path == pidfile or not os.path.getsize(path):
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
     if not live:
         _tell(ready_fd, "error FUSE did not start (is /dev/fuse usable?)", errors)
     return 0
@@ -237,10 +249,10 @@ def _tell(fd: int, message: str, errors: list[str] | None = None) -> None:
 
 
 def _fresh_upper(store: Any) -> tuple[str, str]:
-    base = Path(store.root) / "mounts" / os.urandom(8).hex()
-    (base / "upper").mkdir(parents=True)
-    (base / "work").mkdir()
-    return str(base / "upper"), str(base / "work")
+    base = store.path("mounts", os.urandom(8).hex())
+    os.makedirs(os.path.join(base, "upper"))
+    os.mkdir(os.path.join(base, "work"))
+    return os.path.join(base, "upper"), os.path.join(base, "work")
 
 
 def mount(
@@ -266,7 +278,7 @@ def mount(
     store.resolve(ref)  # a bad reference is the caller's error, reported here
     if up is None and not read_only:
         up, wk = _fresh_upper(store)
-    spec = {"store": str(store.root), "ref": ref, "mountpoint": mountpoint, "upper": up,
+    spec = {"store": store.path(), "ref": ref, "mountpoint": mountpoint, "upper": up,
             "work": wk, "read_only": read_only, "threads": threads, "writeback": writeback,
             "fsname": f"cowfs:{ref}"}  # fmt: skip
     return _run(spec, foreground)
@@ -329,8 +341,9 @@ def umount(mountpoint: str | os.PathLike, *, lazy: bool = False, pid: int | None
         raise NotFound(f"{mountpoint} is not mounted")
     if pid is None:
         try:
-            pid = json.loads(_pidfile(mountpoint).read_text())["pid"]
-        except (FileNotFoundError, ValueError, KeyError):
+            with open(_pidfile(mountpoint), "rb") as f:
+                pid = fastjson.loads(f.read())["pid"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             pass
     try:
         fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
@@ -438,7 +451,7 @@ def _helper_main(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--daemon"]:
-        return _daemon_main(json.loads(argv[1]))
+        return _daemon_main(fastjson.loads(argv[1]))
     return _helper_main(argv)
 
 

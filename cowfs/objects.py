@@ -32,26 +32,30 @@ object is not where they last saw it).
 
 from __future__ import annotations
 
+import _thread  # threading and queue would load functools and collections: see below
 import bisect
 import fcntl
-import functools
 import mmap
 import os
-import queue
-import re
 import struct
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import BinaryIO
+from _queue import SimpleQueue
 
 import xxhash
-import zstandard
 
+from cowfs import zstd as zstandard
 from cowfs.atomic import fsync_dir
 from cowfs.errors import Corruption, NotFound
+
+# Annotations only. This module is on a FUSE daemon's way to a container's first instruction,
+# where pathlib, re, typing, threading, queue, functools and collections (~20 ms) are not
+# loaded: paths are str inside (`root` and the others are made on first use), locks and the
+# helper threads come from _thread (docs/ARCHITECTURE.md, "The start path").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+    from typing import BinaryIO
 
 FRAME_SIZE = 128 * 1024
 # Level 1: measured on the 1.2 GB Debian import bench, level 3 costs 20% more CPU for a store
@@ -84,15 +88,15 @@ class FrameCache:
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
-        self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._frames: dict[tuple[str, int], bytes] = {}  # oldest use first
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def get(self, key: tuple[str, int]) -> bytes | None:
         with self._lock:
-            data = self._frames.get(key)
+            data = self._frames.pop(key, None)
             if data is not None:
-                self._frames.move_to_end(key)
+                self._frames[key] = data  # now the newest
             return data
 
     def put(self, key: tuple[str, int], data: bytes) -> None:
@@ -102,8 +106,7 @@ class FrameCache:
             self._frames[key] = data
             self._bytes += len(data)
             while self._bytes > self.max_bytes and self._frames:
-                _, old = self._frames.popitem(last=False)
-                self._bytes -= len(old)
+                self._bytes -= len(self._frames.pop(next(iter(self._frames))))
 
 
 class ObjectReader:
@@ -422,8 +425,8 @@ class ObjectReader:
 
 
 _PREFETCH = 8 << 20  # how far ahead of a big read of a loose object the disk is asked to read
-_prefetch_queue: queue.SimpleQueue[tuple[int, int]] | None = None
-_prefetch_lock = threading.Lock()
+_prefetch_queue: SimpleQueue[tuple[int, int]] | None = None
+_prefetch_lock = _thread.allocate_lock()
 
 
 def _prefetch(fd: int, offset: int) -> None:
@@ -439,14 +442,13 @@ def _prefetch(fd: int, offset: int) -> None:
     if _prefetch_queue is None:
         with _prefetch_lock:
             if _prefetch_queue is None:
-                q: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-                threading.Thread(target=_prefetcher, args=(q,), daemon=True,
-                                 name="cowfs-prefetch").start()  # fmt: skip
+                q: SimpleQueue[tuple[int, int]] = SimpleQueue()
+                _thread.start_new_thread(_prefetcher, (q,))  # dies with the process
                 _prefetch_queue = q
     _prefetch_queue.put((fd, offset + _PREFETCH))
 
 
-def _prefetcher(q: queue.SimpleQueue[tuple[int, int]]) -> None:
+def _prefetcher(q: SimpleQueue[tuple[int, int]]) -> None:
     while True:
         fd, offset = q.get()
         try:
@@ -460,15 +462,20 @@ _COPY_AHEAD = 16 << 20  # how far ahead of a copy_into its stored bytes are aske
 _COPY_STEP = 8 << 20  # a raw copy_into verifies, copies and reports `written` this much at a time
 
 
-@functools.lru_cache(maxsize=16)
 def _is_zero_frame(check: int, data: bytes | memoryview) -> bool:
     """Whether a frame (with checksum `check`) is all zeros: the checksum says which frames may
     be, the bytes decide (a frame made to collide is data like any other)."""
     return check == _zero_checksum(len(data)) and data == bytes(len(data))
 
 
+_ZERO_CHECKSUMS: dict[int, int] = {}  # frame length -> checksum of that many zeros
+
+
 def _zero_checksum(n: int) -> int:
-    return _frame_checksum(bytes(n))
+    check = _ZERO_CHECKSUMS.get(n)
+    if check is None:
+        check = _ZERO_CHECKSUMS[n] = _frame_checksum(bytes(n))
+    return check
 
 
 def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
@@ -483,7 +490,7 @@ def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
             parts = [memoryview(parts[0])[n:], *parts[1:]]
 
 
-_tls = threading.local()
+_tls = _thread._local()
 
 
 def _compressor() -> zstandard.ZstdCompressor:
@@ -549,7 +556,15 @@ def encode_many(datas: list[bytes]) -> list[bytes]:
 
 
 _THREADS = max(1, os.cpu_count() or 1)
-_HEX32 = re.compile(r"[0-9a-f]{32}")
+def _path(path: str) -> Path:
+    from pathlib import Path
+
+    return Path(path)
+
+
+def _is_digest(text: str) -> bool:
+    """32 lowercase hex digits (an xxh128 digest)."""
+    return len(text) == 32 and not text.strip("0123456789abcdef")
 
 
 class ObjectStore:
@@ -557,15 +572,16 @@ class ObjectStore:
     frame cache."""
 
     def __init__(self, root: str | os.PathLike, tmp: str | os.PathLike | None = None) -> None:
-        self.root = Path(root)
-        self.tmp = Path(tmp) if tmp is not None else self.root.parent / "tmp"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.packs_dir = self.root / PACK_DIR
+        self._root = os.fspath(root).rstrip("/") or "/"
+        if tmp is None:
+            tmp = os.path.join(os.path.dirname(self._root), "tmp")
+        self._tmp = os.fspath(tmp).rstrip("/") or "/"
+        os.makedirs(self._root, exist_ok=True)
+        os.makedirs(self._tmp, exist_ok=True)
+        self._packs = os.path.join(self._root, PACK_DIR)
         self.cache = FrameCache()
-        # Plain strings on the write path: pathlib costs more than the syscalls for small objects.
-        self._root_s = f"{self.root}/"
-        self._tmp_s = f"{self.tmp}/"
+        self._root_s = f"{self._root}/"
+        self._tmp_s = f"{self._tmp}/"
         # The packs' indexes, merged: digest (16 bytes) -> (pack name, offset, length). Loaded on
         # first use, so that a store opened for something else never reads them.
         self._loc: dict[bytes, tuple[str, int, int]] | None = None
@@ -574,22 +590,27 @@ class ObjectStore:
         self._pack_fds: dict[str, int] = {}
         self._pack_digests: dict[str, list[bytes]] = {}
         self.damaged_packs: dict[str, str] = {}  # name -> why its index could not be read
-        self._index_lock = threading.RLock()
+        self._index_lock = _thread.RLock()
         # Before the merged index exists, the first lookups scan the packs' raw indexes
         # (see _scan): (name, raw index, objects end) per readable pack, in name order.
         self._raw: list[tuple[str, bytes, int]] | None = None
         self._scans = 0
 
+    # Paths for callers, as pathlib objects: made when asked for (see the imports above).
+    root = property(lambda self: _path(self._root))
+    tmp = property(lambda self: _path(self._tmp))
+    packs_dir = property(lambda self: _path(self._packs))
+
     def path(self, digest: str) -> Path:
-        if not _HEX32.fullmatch(digest):
+        if not _is_digest(digest):
             raise NotFound(f"not an object digest: {digest!r}")
-        return self.root / digest[:2] / digest[2:]
+        return _path(self._path_s(digest))
 
     def _path_s(self, digest: str) -> str:
         return f"{self._root_s}{digest[:2]}/{digest[2:]}"
 
     def has(self, digest: str) -> bool:
-        if not _HEX32.fullmatch(digest):
+        if not _is_digest(digest):
             raise NotFound(f"not an object digest: {digest!r}")
         if self._packed(digest) is not None or os.path.exists(self._path_s(digest)):
             return True
@@ -644,7 +665,7 @@ class ObjectStore:
 
     def _read_raw_indexes(self) -> list[tuple[str, bytes, int]]:
         try:
-            names = sorted(n[: -len(PACK_SUFFIX)] for n in os.listdir(self.packs_dir)
+            names = sorted(n[: -len(PACK_SUFFIX)] for n in os.listdir(self._packs)
                            if n.endswith(PACK_SUFFIX))  # fmt: skip
         except FileNotFoundError:
             return []
@@ -653,7 +674,7 @@ class ObjectStore:
             if name in self.damaged_packs:
                 continue
             try:  # opened for its index only, as _load_packs does: reads open what they read
-                fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self._pack_s(name), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
@@ -669,7 +690,7 @@ class ObjectStore:
     def _load_packs(self) -> None:
         """Load the index of every pack not loaded yet; forget packs that are gone."""
         try:
-            names = {n[: -len(PACK_SUFFIX)] for n in os.listdir(self.packs_dir)
+            names = {n[: -len(PACK_SUFFIX)] for n in os.listdir(self._packs)
                      if n.endswith(PACK_SUFFIX)}  # fmt: skip
         except FileNotFoundError:
             names = set()
@@ -688,7 +709,7 @@ class ObjectStore:
             # Opened to read the index only: a process that reads objects opens the packs it
             # reads from (a store may hold more packs than a daemon should keep open).
             try:
-                fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self._pack_s(name), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
@@ -712,7 +733,7 @@ class ObjectStore:
             with self._index_lock:
                 fd = self._pack_fds.get(name)
                 if fd is None:
-                    fd = os.open(self.packs_dir / (name + PACK_SUFFIX), os.O_RDONLY | os.O_CLOEXEC)
+                    fd = os.open(self._pack_s(name), os.O_RDONLY | os.O_CLOEXEC)
                     self._pack_fds[name] = fd
         return fd
 
@@ -730,7 +751,10 @@ class ObjectStore:
         return {n: [k.hex() for k in keys] for n, keys in sorted(self._pack_digests.items())}
 
     def pack_path(self, name: str) -> Path:
-        return self.packs_dir / (name + PACK_SUFFIX)
+        return _path(self._pack_s(name))
+
+    def _pack_s(self, name: str) -> str:
+        return f"{self._packs}/{name}{PACK_SUFFIX}"
 
     def location(self, digest: str) -> tuple[Path, int, int]:
         """(file, offset, length) of the object's stored bytes: a loose file or a span of a pack."""
@@ -768,7 +792,7 @@ class ObjectStore:
             raise
         new_size = sum(self.pack_path(n).stat().st_size for n in new)
         os.unlink(self.pack_path(name))
-        fsync_dir(self.packs_dir)
+        fsync_dir(self._packs)
         with self._index_lock:
             # Not while other threads read this store: gc's own process only.
             fd = self._pack_fds.pop(name, None)
@@ -800,7 +824,7 @@ class ObjectStore:
             self._write_object(digest, path, blob)
 
     def _write_object(self, digest: str, path: str, blob: bytes) -> None:
-        tmp = f"{self._tmp_s}obj.{os.getpid()}.{threading.get_ident()}.{digest}"
+        tmp = f"{self._tmp_s}obj.{os.getpid()}.{_thread.get_ident()}.{digest}"
         # Created read-only: objects are immutable, a stray later open for writing fails loudly.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
         try:
@@ -919,7 +943,8 @@ class ObjectStore:
             raise
 
     def _tmpfile(self) -> Path:
-        return self.tmp / f"obj.{os.getpid()}.{threading.get_ident()}.{os.urandom(6).hex()}"
+        name = f"obj.{os.getpid()}.{_thread.get_ident()}.{os.urandom(6).hex()}"
+        return _path(self._tmp_s + name)
 
     def _publish(self, tmp: Path, path: Path) -> None:
         os.chmod(tmp, 0o444)  # objects are immutable; a stray write should fail loudly
@@ -927,14 +952,14 @@ class ObjectStore:
 
     def sync(self) -> None:
         """Make every object written so far durable (one syncfs for the whole batch)."""
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.syncfs(fd) if hasattr(os, "syncfs") else os.sync()
         finally:
             os.close(fd)
 
     def open(self, digest: str) -> ObjectReader:
-        if not _HEX32.fullmatch(digest):
+        if not _is_digest(digest):
             raise NotFound(f"not an object digest: {digest!r}")
         for attempt in (0, 1):
             loc = self._packed(digest)
@@ -996,12 +1021,12 @@ class ObjectStore:
 
     def loose(self) -> Iterator[str]:
         """Every digest stored as a file of its own."""
-        if not self.root.exists():
+        if not os.path.exists(self._root):
             return
-        for sub in sorted(os.listdir(self.root)):
+        for sub in sorted(os.listdir(self._root)):
             if len(sub) != 2:
                 continue
-            for name in sorted(os.listdir(self.root / sub)):
+            for name in sorted(os.listdir(os.path.join(self._root, sub))):
                 if len(name) == 30:
                     yield sub + name
 
@@ -1090,7 +1115,7 @@ class PackWriter:
 
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._fd = -1
         self._tmp = ""
         self._size = 0

@@ -502,7 +502,7 @@ def _export_docker(store: Store, image: Image, ref: str, out: str,
                    progress: Progress | None) -> str:  # fmt: skip
     full_tag = _tag_of(store, image, ref)
     tmp_out = f"{out}.tmp.{os.getpid()}"
-    work = store.mkdtemp("export")
+    work = Path(store.mkdtemp("export"))
     try:
         with tarfile.open(tmp_out, "w", format=tarfile.PAX_FORMAT) as tar:
             layer_paths, diff_ids, parent = [], [], ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 def default_root() -> str:
@@ -13,5 +12,7 @@ def default_root() -> str:
         return env
     if os.geteuid() == 0:
         return "/var/lib/cowfs"
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return str(Path(base) / "cowfs")
+    # os.path, not pathlib: this is on the start path (docs/ARCHITECTURE.md)
+    home = os.path.expanduser("~")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+    return os.path.join(base, "cowfs")

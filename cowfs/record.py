@@ -15,10 +15,16 @@ stays a dataclass).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar, dataclass_transform
+TYPE_CHECKING = False  # `typing` stays off the start path (docs/ARCHITECTURE.md)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar, dataclass_transform
 
-T = TypeVar("T")
+    T = TypeVar("T")
+else:
+    def dataclass_transform(**_: object) -> Callable:  # PEP 681: for type checkers only
+        return lambda decorated: decorated
+
 _MISSING = object()
 
 

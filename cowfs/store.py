@@ -19,19 +19,22 @@ Layers and objects are never deleted here: gc (maintenance.py) removes what noth
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from cowfs import fastjson
 from cowfs.atomic import fsync_dir, write_json_atomic
 from cowfs.errors import InvalidInput, NotFound
 from cowfs.record import field, record
 
+# Annotations only. The store is on the start path of every container and FUSE daemon, where
+# pathlib, json and typing (with the re and enum they load: ~25 ms) are not imported; so the
+# methods `cowfs run` uses work on str paths (`path()`), and `root` is made on first use.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
     from cowfs.layerbuilder import LayerBuilder
     from cowfs.objects import ObjectStore
     from cowfs.toc import Toc
@@ -78,11 +81,24 @@ class Store:
     """One store root. Safe for several processes: mutations of tags take a file lock."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).absolute()
+        self._root = absolute(root)
         for sub in ("objects", "layers", "images", "tmp", "cache", "containers"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            os.makedirs(self.path(sub), exist_ok=True)
+        self._root_path: Path | None = None
         self._objects: ObjectStore | None = None
         self._tocs: dict[str, Toc] = {}
+
+    @property
+    def root(self) -> Path:
+        if self._root_path is None:
+            from pathlib import Path
+
+            self._root_path = Path(self._root)
+        return self._root_path
+
+    def path(self, *parts: str) -> str:
+        """A path under the root, as a str."""
+        return os.path.join(self._root, *parts)
 
     @property
     def objects(self) -> ObjectStore:
@@ -91,7 +107,7 @@ class Store:
         if self._objects is None:
             from cowfs.objects import ObjectStore
 
-            self._objects = ObjectStore(self.root / "objects", self.root / "tmp")
+            self._objects = ObjectStore(self.path("objects"), self.path("tmp"))
         return self._objects
 
     # -- paths ------------------------------------------------------------------------------
@@ -112,20 +128,16 @@ class Store:
         _check_hex(layer_id, 64, "layer id")
         return self.root / "layers" / layer_id
 
-    def mkdtemp(self, prefix: str) -> Path:
-        path = self.tmp / f"{prefix}.{os.getpid()}.{os.urandom(6).hex()}"
-        path.mkdir()
+    def mkdtemp(self, prefix: str) -> str:
+        """A new private directory under tmp/ (a str: see `path`)."""
+        path = self.path("tmp", f"{prefix}.{os.getpid()}.{os.urandom(6).hex()}")
+        os.mkdir(path)
         return path
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """An exclusive lock on the store's names (tags, image files) across processes."""
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def locked(self) -> _Lock:
+        """An exclusive lock on the store's names (tags, image files) across processes, for a
+        `with` block."""
+        return _Lock(self.path("lock"))
 
     # -- layers -----------------------------------------------------------------------------
 
@@ -141,7 +153,9 @@ class Store:
         toc = self._tocs.get(layer_id)
         if toc is None:
             try:
-                blob = (self.layer_dir(layer_id) / "toc").read_bytes()
+                _check_hex(layer_id, 64, "layer id")
+                with open(self.path("layers", layer_id, "toc"), "rb") as f:
+                    blob = f.read()
             except FileNotFoundError:
                 raise NotFound(f"layer {layer_id[:12]} not found") from None
             from cowfs.toc import Toc
@@ -152,7 +166,7 @@ class Store:
 
     def layer_meta(self, layer_id: str) -> LayerMeta:
         try:
-            doc = json.loads((self.layer_dir(layer_id) / "meta.json").read_bytes())
+            doc = _read_json(os.path.join(self.layer_dir(layer_id), "meta.json"))
         except FileNotFoundError:
             raise NotFound(f"layer {layer_id[:12]} not found") from None
         blobs = dict(doc.get("blobs") or {})
@@ -191,6 +205,8 @@ class Store:
         for layer_id in layers:
             if not self.has_layer(layer_id):
                 raise NotFound(f"layer {layer_id[:12]} not found")
+        import json
+
         canon = json.dumps({"layers": layers, "config": config}, sort_keys=True,
                            separators=(",", ":")).encode()  # fmt: skip
         import hashlib
@@ -207,20 +223,21 @@ class Store:
     def image(self, image_id: str) -> Image:
         _check_hex(image_id, 64, "image id")
         try:
-            doc = json.loads((self.root / "images" / f"{image_id}.json").read_bytes())
+            doc = _read_json(self.path("images", f"{image_id}.json"))
         except FileNotFoundError:
             raise NotFound(f"image {image_id[:12]} not found") from None
         return Image(image_id, list(doc["layers"]), doc["config"], doc.get("created", 0.0))
 
     def image_ids(self) -> list[str]:
-        return sorted(p.stem for p in (self.root / "images").glob("*.json"))
+        names = os.listdir(self.path("images"))
+        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
 
     def images(self) -> list[Image]:
         return [self.image(i) for i in self.image_ids()]
 
     def tags(self) -> dict[str, str]:
         try:
-            return json.loads((self.root / "tags.json").read_bytes())
+            return _read_json(self.path("tags.json"))
         except FileNotFoundError:
             return {}
 
@@ -279,6 +296,38 @@ class Store:
             (self.root / "images" / f"{image.id}.json").unlink(missing_ok=True)
             fsync_dir(self.root / "images")
         return [image.id]
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """`str(Path(path).absolute())` without pathlib: joined to the cwd, with empty and `.`
+    parts dropped and `..` kept."""
+    path = os.fspath(path)
+    if not path.startswith("/"):
+        path = os.getcwd() + "/" + path
+    return "/" + "/".join(p for p in path.split("/") if p and p != ".")
+
+
+def _read_json(path: str) -> Any:
+    with open(path, "rb") as f:
+        return fastjson.loads(f.read())
+
+
+class _Lock:
+    __slots__ = ("_path", "_fd")
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
 
 def _check_hex(value: str, length: int, what: str) -> None:

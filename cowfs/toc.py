@@ -14,16 +14,19 @@ This module is pure: it does no I/O beyond the bytes it is given.
 
 from __future__ import annotations
 
-import base64
-import json
+import binascii  # base64 and json would load re (and enum): ~10 ms of a daemon's start
 import stat
-from collections.abc import Iterable, Iterator
 
 import xxhash
-import zstandard
 
+from cowfs import fastjson
+from cowfs import zstd as zstandard
 from cowfs.errors import Corruption, InvalidInput
 from cowfs.record import SlotsRecord, field, record
+
+TYPE_CHECKING = False  # annotations only (docs/ARCHITECTURE.md, "The start path")
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 # Entry kinds: one letter each, as `find -printf %y` spells them.
 REG, DIR, SYMLINK, CHR, BLK, FIFO, SOCK = "f", "d", "l", "c", "b", "p", "s"
@@ -98,7 +101,8 @@ class Entry(SlotsRecord):
     def to_row(self) -> list:
         xattrs = None
         if self.xattrs:
-            xattrs = {k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
+            xattrs = {k: binascii.b2a_base64(v, newline=False).decode()
+                      for k, v in sorted(self.xattrs.items())}  # fmt: skip
         return [
             self.path, self.kind, self.mode, self.uid, self.gid, self.atime, self.mtime,
             self.ctime, self.size, self.digest, self.target, self.rdev, self.link, xattrs,
@@ -109,7 +113,7 @@ class Entry(SlotsRecord):
         (path, kind, mode, uid, gid, atime, mtime, ctime, size, digest, target, rdev, link,
          xattrs) = row  # fmt: skip
         if xattrs:
-            xattrs = {k: base64.b64decode(v) for k, v in xattrs.items()}
+            xattrs = {k: binascii.a2b_base64(v) for k, v in xattrs.items()}
         return cls(path, kind, mode, uid, gid, atime, mtime, ctime, size, digest, target, rdev,
                    link, xattrs or None)  # fmt: skip
 
@@ -182,7 +186,7 @@ class Toc:
             "opaque": sorted(self.opaque),
         }
         # ensure_ascii keeps surrogate-escaped (non-UTF-8) names representable.
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode()
+        return fastjson.dumps(doc, separators=(",", ":")).encode()
 
     def layer_id(self) -> str:
         return _sha256(self.canonical_json())
@@ -207,7 +211,7 @@ class Toc:
             raise Corruption("TOC checksum mismatch")
         if expect_id is not None and _sha256(payload) != expect_id:
             raise Corruption(f"TOC does not hash to its layer id {expect_id[:12]}")
-        doc = json.loads(payload)
+        doc = fastjson.loads(payload)
         if doc.get("version") != TOC_VERSION:
             raise Corruption(f"unsupported TOC version {doc.get('version')!r}")
         toc = cls()

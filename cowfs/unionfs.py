@@ -31,22 +31,27 @@ because the handle never goes back to its path.
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import errno
 import itertools
 import os
 import stat
-import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
 
 from cowfs.errors import CowfsError
 from cowfs.hostdir import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, link, move
 from cowfs.index import ROOT_INO, MergedIndex
-from cowfs.lowers import LowerLayer, Reader
 from cowfs.record import SlotsRecord, record
 from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, kind_of_mode
+
+# Annotations only: typing, contextlib and threading are not loaded on a daemon's way to a
+# container's first instruction (docs/ARCHITECTURE.md, "The start path").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    from cowfs.lowers import LowerLayer, Reader
 
 WHITEOUT = "w"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -184,7 +189,7 @@ class UnionFS:
         self.work = HostDir(work) if work is not None and not self.read_only else None
         if not self.read_only and self.work is None:
             raise CowfsError("a writable mount needs a work directory", errno=errno.EINVAL)
-        self._lock = threading.RLock()
+        self._lock = _thread.RLock()
         self._up: dict[str, str] = {}
         self._kids: dict[str, set[str]] = {}
         self._opaque: set[str] = set()
@@ -643,8 +648,10 @@ class UnionFS:
                 move(self.work, rel, self.upper, path)
         except BaseException:
             os.close(fd)
-            with contextlib.suppress(OSError):
+            try:
                 d.unlink(rel)  # nothing half-made stays behind
+            except OSError:
+                pass
             raise
         self._record(path, REG)
         ino = self._ino[path] = UPPER_INO_BASE + st.st_ino  # born in the upper: no origin

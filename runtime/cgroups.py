@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import time
+from _signal import SIGKILL  # signal.py loads enum: not on the start path
 
 from cowfs.errors import ContainerError
 from cowfs.record import record
@@ -218,7 +218,7 @@ class Cgroup:
                         raise ContainerError(f"cannot remove cgroup {path}: {exc}") from exc
                     for pid in self.pids():
                         try:
-                            os.kill(pid, signal.SIGKILL)
+                            os.kill(pid, SIGKILL)
                         except ProcessLookupError:
                             pass
                     time.sleep(0.01)

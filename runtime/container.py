@@ -15,25 +15,30 @@ The order of a start, and why:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
 import sys as _sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from _signal import SIGKILL, SIGTERM  # signal.py would load enum: not on the start path
 
 from cowfs.errors import AlreadyExists, ContainerError, CowfsError, InUse, InvalidInput, NotFound
 from cowfs.record import replace
 from cowfs.store import Image, Store
-from runtime import channel, init, monitor, namespaces, process, rootfs
+from runtime import background, channel, init, monitor, namespaces, process, rootfs
 from runtime.cgroups import Cgroup
-from runtime.mounter import CowfsMounter, Mounter, is_mounted, start_mount
+from runtime.mounter import CowfsMounter, is_mounted, start_mount
 from runtime.spec import ContainerSpec, RunOptions, build, merge_env, parse_env
 from runtime.state import State, StateDir, Status
 from runtime.syscalls import Syscalls
+
+# Annotations only: this module is on every container's start path, where typing, pathlib,
+# contextlib, shutil and signal are not loaded (docs/ARCHITECTURE.md, "The start path").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+    from typing import Any
+
+    from runtime.mounter import Mounter
 
 _TRACE = os.environ.get("COWFS_TRACE_START") == "1"
 
@@ -50,6 +55,8 @@ def _signal_number(sig: str | int) -> int:
         return int(sig)
     name = str(sig).upper()
     name = name if name.startswith("SIG") else "SIG" + name
+    import signal
+
     try:
         return int(signal.Signals[name])
     except KeyError:
@@ -68,14 +75,17 @@ class Runtime:
     # -- lookup --------------------------------------------------------------------------------
 
     def _dirs(self) -> list[StateDir]:
-        base = self.store.containers_dir
-        return [StateDir(p) for p in sorted(base.iterdir()) if (p / "state.json").exists()]
+        base = self.store.path("containers")
+        dirs = [StateDir(os.path.join(base, name)) for name in sorted(os.listdir(base))]
+        return [sd for sd in dirs if os.path.exists(sd.state_file)]
 
     def states(self) -> list[State]:
         out = []
         for sd in self._dirs():
-            with contextlib.suppress(CowfsError):
+            try:
                 out.append(sd.load())
+            except CowfsError:
+                pass
         return sorted(out, key=lambda s: s.created, reverse=True)
 
     def find(self, ref: str) -> StateDir:
@@ -85,9 +95,11 @@ class Runtime:
             if sd.id == ref:
                 return sd
         for sd in dirs:
-            with contextlib.suppress(CowfsError):
+            try:
                 if sd.load().name == ref:
                     return sd
+            except CowfsError:
+                pass
         matches = [sd for sd in dirs if len(ref) >= 3 and sd.id.startswith(ref)]
         if len(matches) == 1:
             return matches[0]
@@ -127,17 +139,17 @@ class Runtime:
             tmp = self.store.mkdtemp("container")
             sd = StateDir(tmp)
             for sub in (sd.upper, sd.work, sd.rootfs, sd.etc):
-                sub.mkdir()
+                os.mkdir(sub)
             state = State(id=cid, name=name, image=image, image_id=img.id, spec=spec,
                           auto_remove=auto_remove)  # fmt: skip
             sd.save(state)
-            os.rename(tmp, self.store.containers_dir / cid)  # visible only when complete
+            os.rename(tmp, self.store.path("containers", cid))  # visible only when complete
         return state
 
     def run(self, state: State, *, detach: bool) -> int:
         """Start a created or exited container; attached, its exit code; detached, 0 once it
         runs."""
-        sd = StateDir(self.store.containers_dir / state.id)
+        sd = StateDir(self.store.path("containers", state.id))
         if not state.can_start():
             raise ContainerError(f"container {state.name} is already running")
         if detach:
@@ -154,15 +166,13 @@ class Runtime:
                 os._exit(0)  # the monitor is re-parented to init: it outlives the CLI
             code = 0
             try:
-                process.detach(w, f"cowfs-monitor {sd.id[:12]}")
+                background.detach(w, f"cowfs-monitor {sd.id[:12]}")
                 self._supervise(sd, attached=False, ready_fd=w)
             except CowfsError as exc:
-                with contextlib.suppress(OSError):
-                    os.write(w, f"error {exc.exit_code} {exc.message}".encode())
+                _tell(w, f"error {exc.exit_code} {exc.message}")
                 code = 1
             except BaseException as exc:  # noqa: BLE001 - a forked monitor must never unwind
-                with contextlib.suppress(OSError):
-                    os.write(w, f"error 125 monitor: {exc!r}".encode())
+                _tell(w, f"error 125 monitor: {exc!r}")
                 code = 1
             os._exit(code)
         os.close(w)
@@ -196,8 +206,7 @@ class Runtime:
                 wait_mount = start_mount(self.mounter, self.store, state.image_id,
                                          str(sd.rootfs), upper=str(sd.upper),
                                          work=str(sd.work))  # fmt: skip
-            for name, text in rootfs.etc_files(spec.hostname, spec.network).items():
-                (sd.etc / name).write_text(text)
+            _write_etc(sd, spec)
             cgroup = Cgroup.for_container(state.id)
             cgroup.create(spec.limits)
             state.cgroups = {k: list(v) for k, v in cgroup.dirs.items()}
@@ -216,12 +225,14 @@ class Runtime:
             _phase("started")
         except BaseException as exc:
             if wait_mount is not None:  # let it finish, so that the teardown unmounts it
-                with contextlib.suppress(CowfsError):
+                try:
                     wait_mount()
+                except CowfsError:
+                    pass
             if not (isinstance(exc, ContainerError) and state.status == Status.RUNNING):
                 self._teardown(sd, state, cgroup)
                 if state.auto_remove:
-                    shutil.rmtree(sd.path, ignore_errors=True)
+                    _remove_tree(sd.path)
             os.close(lock)
             raise
         state.mark_running(pid, os.getpid())
@@ -233,12 +244,8 @@ class Runtime:
         log = monitor.Log(sd.log)
         try:
             interactive_tty = attached and spec.tty and spec.interactive
-            with contextlib.ExitStack() as stack:
-                if attached:
-                    stack.enter_context(monitor.forwarding_signals(pid, master))
-                if interactive_tty:
-                    monitor.copy_winsize(_sys.stdin.fileno(), master)
-                    stack.enter_context(monitor.raw_terminal(_sys.stdin.fileno()))
+            with monitor.Attached(pid, master if attached else None, signals=attached,
+                                  raw=interactive_tty):  # fmt: skip
                 status = monitor.relay(pid, streams, log=log, echo=attached,
                                        stdin_to=master if interactive_tty else None)  # fmt: skip
         finally:
@@ -253,7 +260,7 @@ class Runtime:
         _phase("torn down")
         state.mark_exited(code, oom)
         if state.auto_remove:
-            shutil.rmtree(sd.path, ignore_errors=True)
+            _remove_tree(sd.path)
         else:
             sd.save(state)
         _phase("done")
@@ -304,8 +311,10 @@ class Runtime:
                     streams = {master: "stdout"}
                     continue
                 if "error" in msg:
-                    with contextlib.suppress(ChildProcessError):
+                    try:
                         os.waitpid(pid, 0)
+                    except ChildProcessError:
+                        pass
                     err = ContainerError(msg["error"])
                     err.exit_code = int(msg.get("code", 125))
                     raise err
@@ -316,9 +325,11 @@ class Runtime:
             for fd in streams:
                 os.close(fd)
             chan.close()
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, SIGKILL)
                 os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
             raise
         return pid, chan, master, streams
 
@@ -387,12 +398,10 @@ class Runtime:
 
     def stop(self, ref: str, timeout: float = 10.0) -> State | None:
         sd, state = self._running(ref)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(state.pid, signal.SIGTERM)
+        _kill(state.pid, SIGTERM)
         state = self.wait(sd, timeout)
         if state is not None and state.status == Status.RUNNING:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state.pid, signal.SIGKILL)
+            _kill(state.pid, SIGKILL)
             state = self.wait(sd, 30)
         return state
 
@@ -402,8 +411,7 @@ class Runtime:
         if not state.can_delete(force):
             raise InUse(f"container {state.name} is running: stop it first or use rm -f")
         if state.status == Status.RUNNING:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state.pid, signal.SIGKILL)
+            _kill(state.pid, SIGKILL)
             name = state.name
             state = self.wait(sd, 30)
             if state is None:
@@ -423,7 +431,7 @@ class Runtime:
             if state.status == Status.RUNNING:
                 raise InUse(f"container {name} was started again meanwhile")
             self._teardown(sd, state, None)
-            shutil.rmtree(sd.path)
+            _remove_tree(sd.path, ignore_errors=False)
         finally:
             os.close(lock)
         return name
@@ -481,11 +489,8 @@ class Runtime:
             chan.close()
         streams = {master: "stdout"} if master is not None else {}
         try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(monitor.forwarding_signals(pid, master))
-                if master is not None and interactive:
-                    monitor.copy_winsize(_sys.stdin.fileno(), master)
-                    stack.enter_context(monitor.raw_terminal(_sys.stdin.fileno()))
+            raw = master is not None and interactive
+            with monitor.Attached(pid, master, signals=True, raw=raw):
                 status = monitor.relay(pid, streams, echo=True, wait_eof=False,
                                        stdin_to=master if interactive else None)  # fmt: skip
         finally:
@@ -499,7 +504,7 @@ class Runtime:
         sd = self.find(ref)
 
         def running() -> bool:
-            return sd.state_file.exists() and sd.load().status == Status.RUNNING
+            return os.path.exists(sd.state_file) and sd.load().status == Status.RUNNING
 
         return monitor.read_log(sd.log, running if follow else None)
 
@@ -515,7 +520,7 @@ class Runtime:
             "Image": s.image_id,
             "ImageRef": s.image,
             "State": {
-                "Status": s.status.value,
+                "Status": s.status,
                 "Running": s.status == Status.RUNNING,
                 "Pid": s.pid,
                 "ExitCode": s.exit_code,
@@ -547,20 +552,11 @@ class Runtime:
             "LogPath": str(sd.log),
         }
 
-    @contextlib.contextmanager
-    def merged_view(self, ref: str) -> Iterator[tuple[State, Path]]:
-        """The container's merged tree on the host: its live mount, or a temporary one."""
+    def merged_view(self, ref: str) -> MergedView:
+        """The container's merged tree on the host, for a `with` block that gets (state, path):
+        its live mount, or a temporary one."""
         sd = self.find(ref)
-        state = sd.load()
-        if is_mounted(sd.rootfs):
-            yield state, sd.rootfs
-            return
-        self.mounter.mount(self.store, state.image_id, str(sd.rootfs),
-                           upper=str(sd.upper), work=str(sd.work))  # fmt: skip
-        try:
-            yield state, sd.rootfs
-        finally:
-            self.mounter.umount(str(sd.rootfs))
+        return MergedView(self, sd, sd.load())
 
     def export(self, ref: str, out: str | os.PathLike) -> None:
         """The merged tree as a tar (docker export): a flat file system, no layers."""
@@ -589,8 +585,9 @@ class Runtime:
                                upper=str(sd.upper), work=str(sd.work))  # fmt: skip
         state.mounted = True
         sd.save(state)
-        for name, text in rootfs.etc_files(state.spec.hostname, state.spec.network).items():
-            (sd.etc / name).write_text(text)
+        _write_etc(sd, state.spec)
+        from pathlib import Path
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         from cowfs.atomic import write_json_atomic
@@ -598,3 +595,67 @@ class Runtime:
         cfg = oci_config(state.spec, str(sd.rootfs), str(sd.etc), state.id[:12])
         write_json_atomic(directory / "config.json", cfg)
         return directory / "config.json"
+
+
+class MergedView:
+    """Runtime.merged_view: mounts the container's tree for the block unless it is mounted."""
+
+    def __init__(self, rt: Runtime, sd: StateDir, state: State) -> None:
+        self._rt, self._sd, self._state = rt, sd, state
+        self._mounted_here = False
+
+    def __enter__(self) -> tuple[State, str]:
+        sd, rt = self._sd, self._rt
+        if not is_mounted(sd.rootfs):
+            rt.mounter.mount(rt.store, self._state.image_id, sd.rootfs, upper=sd.upper,
+                             work=sd.work)  # fmt: skip
+            self._mounted_here = True
+        return self._state, sd.rootfs
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mounted_here:
+            self._rt.mounter.umount(self._sd.rootfs)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _tell(fd: int, message: str) -> None:
+    try:
+        os.write(fd, message.encode())
+    except OSError:
+        pass
+
+
+def _write_etc(sd: StateDir, spec: ContainerSpec) -> None:
+    for name, text in rootfs.etc_files(spec.hostname, spec.network).items():
+        with open(os.path.join(sd.etc, name), "w") as f:
+            f.write(text)
+
+
+def _remove_tree(path: str, *, ignore_errors: bool = True) -> None:
+    """shutil.rmtree(path, ignore_errors=...). At the end of a `run --rm` without shutil: it
+    loads fnmatch and with it re and enum, ~15 ms of every such run. os.fwalk works relative to
+    directory fds and never follows a symlink, as shutil's own rmtree, so what a container left
+    in its upper cannot send the removal elsewhere."""
+    if ignore_errors:
+        try:
+            for _top, dirs, files, dir_fd in os.fwalk(path, topdown=False):
+                for name in files:
+                    os.unlink(name, dir_fd=dir_fd)
+                for name in dirs:
+                    try:
+                        os.rmdir(name, dir_fd=dir_fd)
+                    except NotADirectoryError:
+                        os.unlink(name, dir_fd=dir_fd)  # a symlink to a directory
+            os.rmdir(path)
+            return
+        except OSError:
+            pass  # what is left, shutil tries (and ignores what it cannot remove)
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)

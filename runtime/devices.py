@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import NamedTuple
+
+from cowfs.record import record
 
 
-class Device(NamedTuple):
+@record(frozen=True)
+class Device:
     name: str
     major: int
     minor: int

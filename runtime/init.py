@@ -11,32 +11,38 @@ Everything used after pivot_root is imported before it: the host's Python librar
 
 from __future__ import annotations
 
+import _signal  # the signal module's enums would load enum (~7 ms of a start): ints will do
 import errno
 import fcntl
 import os
-import signal
-import socket
 import termios
 import time
-from collections.abc import Callable
-from typing import NoReturn
+import warnings  # noqa: F401 - os.execvpe imports it (in os.get_exec_path), after the pivot
 
 from runtime import capabilities, namespaces, rootfs, users
 from runtime import syscalls as sc
 from runtime.channel import send
 from runtime.proctitle import set_title
-from runtime.spec import ContainerSpec
-from runtime.syscalls import Syscalls
+
+TYPE_CHECKING = False  # annotations only (docs/ARCHITECTURE.md, "The start path")
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
+
+    from runtime.channel import Socket
+    from runtime.spec import ContainerSpec
+    from runtime.syscalls import Syscalls
 
 # tini's choice: forward every signal except the ones the kernel sends synchronously on faults,
 # and the terminal job-control ones that would only stop init.
 _NOT_FORWARDED = {
-    signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL,
-    signal.SIGFPE, signal.SIGABRT, signal.SIGTRAP, signal.SIGSYS, signal.SIGTTIN, signal.SIGTTOU,
+    _signal.SIGKILL, _signal.SIGSTOP, _signal.SIGCHLD, _signal.SIGSEGV, _signal.SIGBUS,
+    _signal.SIGILL, _signal.SIGFPE, _signal.SIGABRT, _signal.SIGTRAP, _signal.SIGSYS,
+    _signal.SIGTTIN, _signal.SIGTTOU,
 }
-FORWARDED = {signal.Signals(n) for n in range(1, 32)} - _NOT_FORWARDED
+FORWARDED = set(range(1, 32)) - _NOT_FORWARDED
 # Python ignores these; an ignored disposition survives execve, so the command would inherit it.
-_PY_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+_PY_IGNORED = (_signal.SIGPIPE, _signal.SIGXFSZ)
 
 
 def exit_code(status: int) -> int:
@@ -60,9 +66,9 @@ def exec_command(
     """Become the command (in a freshly forked child). A failure is reported as (exit code,
     one line) before exiting with that code: 127 not found, 126 not runnable."""
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        for sig in (*_PY_IGNORED, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, set())
+        for sig in (*_PY_IGNORED, _signal.SIGINT):
+            _signal.signal(sig, _signal.SIG_DFL)
         os.setsid()  # its own session: job control in a shell, and a controlling terminal
         if tty_fd is not None:
             fcntl.ioctl(tty_fd, termios.TIOCSCTTY, 0)
@@ -110,7 +116,7 @@ def spawn_command(
     return pid, text, int(code)
 
 
-def open_pty(chan: socket.socket) -> int:
+def open_pty(chan: Socket) -> int:
     """A terminal from the container's own devpts: the master goes to the monitor, the slave
     is returned (it becomes the command's controlling terminal)."""
     master, slave = os.openpty()
@@ -119,12 +125,12 @@ def open_pty(chan: socket.socket) -> int:
     return slave
 
 
-def reap_forever(main_pid: int, forwarded: set[signal.Signals]) -> NoReturn:
+def reap_forever(main_pid: int, forwarded: set[int]) -> NoReturn:
     """PID 1's loop: reap every child, forward signals to the command, exit with its status."""
-    waitset = forwarded | {signal.SIGCHLD}
+    waitset = forwarded | {_signal.SIGCHLD}
     while True:
-        info = signal.sigwaitinfo(waitset)
-        if info.si_signo != signal.SIGCHLD:
+        info = _signal.sigwaitinfo(waitset)
+        if info.si_signo != _signal.SIGCHLD:
             try:
                 os.kill(main_pid, info.si_signo)
             except ProcessLookupError:
@@ -143,7 +149,7 @@ def reap_forever(main_pid: int, forwarded: set[signal.Signals]) -> NoReturn:
 
 
 def container_init(
-    sys: Syscalls, spec: ContainerSpec, root: str, etc_dir: str, chan: socket.socket,
+    sys: Syscalls, spec: ContainerSpec, root: str, etc_dir: str, chan: Socket,
 ) -> NoReturn:
     times = [("init", time.time())]  # phase end times, sent back for COWFS_TRACE_START
     try:
@@ -164,7 +170,7 @@ def container_init(
         tty_fd = open_pty(chan) if spec.tty else None
         # Not dumpable: the container's processes cannot read init's memory or fds via /proc.
         sys.prctl(sc.PR_SET_DUMPABLE, 0)
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGCHLD})
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED | {_signal.SIGCHLD})
         times.append(("init: user, caps", time.time()))
         pid, error, code = spawn_command(spec, user, tty_fd)
         times.append(("init: command exec'd", time.time()))
@@ -181,7 +187,7 @@ def container_init(
     reap_forever(pid, FORWARDED)
 
 
-def exec_target(sys: Syscalls, spec: ContainerSpec, chan: socket.socket) -> NoReturn:
+def exec_target(sys: Syscalls, spec: ContainerSpec, chan: Socket) -> NoReturn:
     """`exec`: a process joining a running container (its namespaces are already entered).
 
     It gets the same cuts as the container's command and no init of its own: the runtime

@@ -7,24 +7,26 @@ container's first process. It waits with a pidfd, so it never polls.
 
 from __future__ import annotations
 
-import contextlib
+import _signal  # signal.py loads enum (~7 ms of a start) for names we do not print
 import errno
 import fcntl
-import json
 import os
 import select
-import signal
 import struct
 import sys
 import termios
 import time
 import tty
-from collections.abc import Iterator
-from pathlib import Path
+
+from cowfs import fastjson
+
+TYPE_CHECKING = False  # annotations only (docs/ARCHITECTURE.md, "The start path")
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # Signals the attached CLI receives and hands on to the container instead of dying from them.
-RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-           signal.SIGUSR2)  # fmt: skip
+RELAYED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1,
+           _signal.SIGUSR2)  # fmt: skip
 DRAIN_SECONDS = 2.0  # how long output may keep arriving after the process exited
 
 
@@ -37,7 +39,7 @@ class Log:
 
     def write(self, stream: str, data: bytes) -> None:
         rec = {"time": time.time(), "stream": stream, "log": data.decode(errors="replace")}
-        os.write(self._fd, json.dumps(rec).encode() + b"\n")
+        os.write(self._fd, fastjson.dumps(rec).encode() + b"\n")
 
     def close(self) -> None:
         os.close(self._fd)
@@ -45,8 +47,7 @@ class Log:
 
 def read_log(path: str | os.PathLike, follow_while=None) -> Iterator[tuple[str, str]]:
     """(stream, text) records of a log; with `follow_while` keep reading while it returns True."""
-    path = Path(path)
-    if not path.exists() and follow_while is None:
+    if not os.path.exists(path) and follow_while is None:
         return
     with open(path, "a+") as f:
         f.seek(0)
@@ -56,14 +57,14 @@ def read_log(path: str | os.PathLike, follow_while=None) -> Iterator[tuple[str, 
             if line:
                 pending += line
                 if pending.endswith("\n"):
-                    rec = json.loads(pending)
+                    rec = fastjson.loads(pending)
                     pending = ""
                     yield rec["stream"], rec["log"]
                 continue
             if follow_while is None or not follow_while():
                 # one last pass: the writer may have appended before it stopped
                 for line in f:
-                    rec = json.loads(pending + line)
+                    rec = fastjson.loads(pending + line)
                     pending = ""
                     yield rec["stream"], rec["log"]
                 return
@@ -71,42 +72,58 @@ def read_log(path: str | os.PathLike, follow_while=None) -> Iterator[tuple[str, 
 
 
 def copy_winsize(src_fd: int, dst_fd: int) -> None:
-    with contextlib.suppress(OSError):
+    try:
         size = fcntl.ioctl(src_fd, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
         fcntl.ioctl(dst_fd, termios.TIOCSWINSZ, size)
+    except OSError:
+        pass
 
 
-@contextlib.contextmanager
-def raw_terminal(fd: int) -> Iterator[None]:
-    """The attached terminal in raw mode (keys go to the container's pty as typed)."""
-    if not os.isatty(fd):
-        yield
-        return
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: keep what was typed ahead
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+class Attached:
+    """For a `with` block of an attached container (run or exec): with `signals`, the signals
+    the CLI gets go to `pid` (window changes resize the pty `master`); with `raw`, our stdin's
+    terminal is in raw mode, sized like the pty (keys go to the container as typed)."""
 
+    def __init__(self, pid: int, master: int | None, *, signals: bool, raw: bool) -> None:
+        self.pid, self.master = pid, master
+        self.signals, self.raw = signals, raw
+        self._saved_handlers: dict[int, object] = {}
+        self._saved_mode: list | None = None
 
-@contextlib.contextmanager
-def forwarding_signals(pid: int, pty_master: int | None = None) -> Iterator[None]:
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+    def _forward(self, signum: int, _frame: object) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
 
-    def resize(_signum: int, _frame: object) -> None:
-        if pty_master is not None:
-            copy_winsize(sys.stdin.fileno(), pty_master)
+    def _resize(self, _signum: int, _frame: object) -> None:
+        if self.master is not None:
+            copy_winsize(sys.stdin.fileno(), self.master)
 
-    saved = {sig: signal.signal(sig, forward) for sig in RELAYED}
-    saved[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, resize)
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    def __enter__(self) -> Attached:
+        if self.signals:
+            for sig in RELAYED:
+                self._saved_handlers[sig] = _signal.signal(sig, self._forward)
+            self._saved_handlers[_signal.SIGWINCH] = _signal.signal(_signal.SIGWINCH,
+                                                                    self._resize)  # fmt: skip
+        if self.raw:
+            try:
+                fd = sys.stdin.fileno()
+                if self.master is not None:
+                    copy_winsize(fd, self.master)
+                if os.isatty(fd):
+                    self._saved_mode = termios.tcgetattr(fd)
+                    tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: keep what was typed ahead
+            except BaseException:
+                self.__exit__()
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved_mode is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved_mode)
+        for sig, handler in self._saved_handlers.items():
+            _signal.signal(sig, handler)
 
 
 def relay(

@@ -6,25 +6,25 @@ exists, so it serves from outside both (DESIGN decision 7).
 
 from __future__ import annotations
 
+import _socket  # socket.py loads enum and selectors (~8 ms of a start); a pair is all we use
 import gc
-import json
 import os
-import signal
-import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from cowfs import fastjson
 from cowfs.errors import CowfsError
 
+TYPE_CHECKING = False  # annotations only: `typing` is not loaded on the start path
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, BinaryIO, Protocol
+
     from cowfs.store import Store
 
+    class Mounter(Protocol):
+        def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
+                  read_only: bool = False) -> Any: ...  # fmt: skip
 
-class Mounter(Protocol):
-    def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
-              read_only: bool = False) -> Any: ...  # fmt: skip
-
-    def umount(self, mountpoint: str) -> None: ...
+        def umount(self, mountpoint: str) -> None: ...
 
 
 def start_mount(mounter: Mounter, store: Store, ref: str, mountpoint: str, *, upper: str,
@@ -46,7 +46,7 @@ class PendingMount:
     whenever the mount table changes, and that the daemon failed from its pidfd. Nobody
     sleeps."""
 
-    def __init__(self, owner: CowfsMounter, pid: int, mountpoint: str, link: socket.socket,
+    def __init__(self, owner: CowfsMounter, pid: int, mountpoint: str, link: _socket.socket,
                  table: BinaryIO) -> None:  # fmt: skip
         self.owner, self.pid, self.mountpoint = owner, pid, mountpoint
         self._link, self._table = link, table
@@ -77,6 +77,8 @@ class PendingMount:
                         message = f"cannot mount {self.mountpoint}: {message or 'daemon exited'}"
                     raise MountError(message)
                 if not ready and not changed and not is_mounted(self.mountpoint):
+                    import signal
+
                     os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)
                     raise MountError(f"cannot mount {self.mountpoint}: the daemon did not start")
@@ -110,7 +112,7 @@ class CowfsMounter:
 
     def __init__(self) -> None:
         self._daemons: dict[str, int] = {}
-        self._early: tuple[str, int, socket.socket] | None = None  # store root, pid, link
+        self._early: tuple[str, int, _socket.socket] | None = None  # store root, pid, link
 
     def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
               read_only: bool = False) -> Any:  # fmt: skip
@@ -125,10 +127,10 @@ class CowfsMounter:
         why when `start` hands it its mount."""
         if self._early is not None:
             return
-        from pathlib import Path
+        from cowfs.store import absolute
 
-        root = str(Path(root).absolute())  # as Store has it, which start() compares with
-        ours, theirs = socket.socketpair()
+        root = absolute(root)  # as Store has it (`path()`), which start() compares with
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         pid = self._fork(theirs, root, ref)
         theirs.close()
         self._early = (root, pid, ours)
@@ -146,24 +148,24 @@ class CowfsMounter:
         at `mountpoint`; the returned PendingMount waits until it is live."""
         mountpoint = os.path.abspath(mountpoint)
         table = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - closed by wait()
-        if self._early is not None and self._early[0] != str(store.root):
+        if self._early is not None and self._early[0] != store.path():
             self.cancel()  # prepared for another store: it exits
         if self._early is None:
-            self.prepare(store.root, ref)
+            self.prepare(store.path(), ref)
         assert self._early is not None
         _, pid, link = self._early
         self._early = None
         order = {"ref": ref, "mountpoint": mountpoint, "upper": upper, "work": work,
                  "read_only": read_only}  # fmt: skip
         try:
-            link.sendall(json.dumps(order).encode())
-            link.shutdown(socket.SHUT_WR)
+            link.sendall(fastjson.dumps(order).encode())
+            link.shutdown(_socket.SHUT_WR)
         except OSError:
             pass  # it died already: PendingMount reads why from the link
         return PendingMount(self, pid, mountpoint, link, table)
 
     @staticmethod
-    def _fork(link: socket.socket, root: str, ref: str) -> int:
+    def _fork(link: _socket.socket, root: str, ref: str) -> int:
         """Fork a daemon (_early_daemon); its errors go to `link` as one line."""
         # The library find_library("fuse3") would return, named directly: find_library runs
         # `ldconfig -p` in a subprocess, 10-80 ms of every container start here.
@@ -177,10 +179,10 @@ class CowfsMounter:
         code = 2
         fd = link.fileno()
         try:
-            from runtime import process
+            from runtime import background
 
             os.setsid()  # terminal signals to the caller must not take the mount down
-            process.detach(fd, "cowfs-fuse (starting)")
+            background.detach(fd, "cowfs-fuse (starting)")
             _early_daemon(root, ref, link)
             code = 0
         except CowfsError as exc:
@@ -200,7 +202,7 @@ class CowfsMounter:
             os.waitpid(pid, 0)  # the daemon exits once unmounted: nothing is left running
 
 
-def _early_daemon(root: str, ref: str, link: socket.socket) -> None:
+def _early_daemon(root: str, ref: str, link: _socket.socket) -> None:
     """The body of a prepared daemon: the imports and the index first, then wait for what to
     mount where (EOF without it: not needed after all)."""
     from cowfs import fuse, mounting
@@ -217,7 +219,7 @@ def _early_daemon(root: str, ref: str, link: socket.socket) -> None:
         chunks.append(chunk)
     if not chunks:
         os._exit(0)
-    order = json.loads(b"".join(chunks))
+    order = fastjson.loads(b"".join(chunks))
     from runtime.proctitle import set_title
 
     set_title(f"cowfs-fuse {order['mountpoint']}")

@@ -8,20 +8,28 @@ right after). `exec` joins them with setns() in the same order, the mount namesp
 
 from __future__ import annotations
 
+import _socket
 import fcntl
 import os
-import socket
 import struct
-from typing import NamedTuple
 
 from runtime import syscalls as sc
-from runtime.syscalls import Syscalls
+
+TYPE_CHECKING = False  # annotations only: `typing` is not loaded on the start path
+if TYPE_CHECKING:
+    from runtime.syscalls import Syscalls
 
 
-class Namespace(NamedTuple):
-    name: str  # the file under /proc/<pid>/ns/
-    flag: int
-    why: str
+class Namespace:
+    __slots__ = ("name", "flag", "why")
+
+    def __init__(self, name: str, flag: int, why: str) -> None:
+        self.name = name  # the file under /proc/<pid>/ns/
+        self.flag = flag
+        self.why = why
+
+    def __repr__(self) -> str:
+        return f"Namespace({self.name!r})"
 
 
 NAMESPACES: tuple[Namespace, ...] = (
@@ -67,7 +75,10 @@ IFF_UP = 0x1
 
 def loopback_up() -> None:
     """Bring up `lo` in a fresh network namespace (it starts down): 127.0.0.1 must work."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         ifreq = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    finally:
+        s.close()

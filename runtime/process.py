@@ -16,35 +16,25 @@ mount namespace copies the mount table then, so the container's root must be mou
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
-import signal
-import socket
-from collections.abc import Callable
-from typing import NoReturn
+from _signal import SIGKILL
 
 from cowfs.errors import ContainerError
 from runtime import channel, namespaces
 from runtime import syscalls as sc
-from runtime.cgroups import Cgroup
-from runtime.namespaces import Namespace
-from runtime.proctitle import set_title
-from runtime.syscalls import Syscalls
 
+# Annotations only: on a container's start path `typing`, socket and signal (with the enum they
+# load) are not imported (docs/ARCHITECTURE.md, "The start path").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
 
-def detach(keep_fd: int, title: str) -> None:
-    """Turn a forked child into a background helper (monitor, FUSE daemon): stdio on
-    /dev/null, no descriptor of the caller's but `keep_fd`, cwd /, a title for ps."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    # A pipe of the caller's kept open here would make whoever reads the CLI's output wait
-    # for this process's end.
-    os.closerange(3, keep_fd)
-    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
-    os.chdir("/")
-    set_title(title)
+    from runtime.cgroups import Cgroup
+    from runtime.channel import Socket
+    from runtime.namespaces import Namespace
+    from runtime.syscalls import Syscalls
 
 
 def _close_other_fds(keep: set[int]) -> None:
@@ -59,14 +49,14 @@ def _close_other_fds(keep: set[int]) -> None:
 
 def launch(
     sys: Syscalls,
-    target: Callable[[socket.socket], NoReturn],
+    target: Callable[[Socket], NoReturn],
     *,
     namespaces_: list[Namespace],
     join_pid: int | None = None,
     cgroup: Cgroup | None = None,
     stdio: tuple[int, int, int] = (0, 1, 2),
     gate: Callable[[], object] | None = None,
-) -> tuple[int, socket.socket]:
+) -> tuple[int, Socket]:
     """Start `target(chan)` in the namespaces; returns its host pid and our end of the channel.
     `gate()` runs here while the intermediate joins the cgroup; namespaces come after it
     returns. If it raises, the intermediate is killed and the exception passes on."""
@@ -111,8 +101,10 @@ def launch(
             channel.send(ours, {"go": True})
         except BaseException:
             ours.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, SIGKILL)
+            except ProcessLookupError:
+                pass
             os.waitpid(pid, 0)
             raise
     try:

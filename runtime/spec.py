@@ -6,8 +6,6 @@ Pure: no effects. The spec is stored in the container's state.json and used agai
 
 from __future__ import annotations
 
-import re
-
 from cowfs.errors import InvalidInput
 from cowfs.record import asdict, field, record
 
@@ -74,16 +72,21 @@ class ContainerSpec:
         return cls(**data)
 
 
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([bkmg]?)b?$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def parse_memory(text: str) -> int:
-    """docker's --memory syntax: a number with an optional b, k, m or g suffix."""
-    m = _SIZE.match(text.strip())
-    if not m:
+    """docker's --memory syntax: a number with an optional b, k, m or g suffix (and a b after
+    the unit: 64mb). Parsed by hand: `re` is not loaded on the start path."""
+    number, unit = text.strip().lower(), ""
+    if number[-2:-1] in ("b", "k", "m", "g") and number.endswith("b"):
+        number, unit = number[:-2], number[-2]
+    elif number[-1:] in ("b", "k", "m", "g"):
+        number, unit = number[:-1], number[-1]
+    whole, dot, fraction = number.partition(".")
+    if not whole.isdecimal() or (dot and not fraction.isdecimal()):
         raise InvalidInput(f"invalid memory size {text!r} (use e.g. 64m or 1g)")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = int(float(number) * _UNITS[unit])
     if value < 4 << 20:
         raise InvalidInput(f"memory limit {text!r} is too small (minimum 4m)")
     return value

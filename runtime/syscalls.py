@@ -11,9 +11,12 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-from collections.abc import Callable
 
 from cowfs.record import field, record
+
+TYPE_CHECKING = False  # annotations only (docs/ARCHITECTURE.md, "The start path")
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # clone(2) / unshare(2) flags
 CLONE_NEWNS = 0x00020000

@@ -3,12 +3,12 @@ container's own /etc/passwd and /etc/group (pure: the caller reads the files).""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from cowfs.errors import InvalidInput
+from cowfs.record import record
 
 
-class User(NamedTuple):
+@record(frozen=True)
+class User:
     uid: int
     gid: int
     groups: tuple[int, ...]

@@ -139,7 +139,7 @@ def unmount_or_kill(mnt: Path, pid: int) -> None:
     if proc is not None:
         proc.wait()
     # A killed daemon could not remove its pid file.
-    pidfile = mounting._pidfile(str(mnt))
+    pidfile = Path(mounting._pidfile(str(mnt)))
     try:
         if json.loads(pidfile.read_text()).get("pid") == pid:
             pidfile.unlink()

@@ -72,22 +72,33 @@ def test_quick_run_table_is_the_click_command() -> None:
     assert [p.name for p in options] == [o.dest for o in RUN_OPTIONS]
 
 
+# What the start path of a container (the CLI and its FUSE daemon) never imports, and what it
+# would cost (docs/ARCHITECTURE.md, "The start path"). tests/test_runtime_e2e.py checks a real
+# `cowfs run` against the same list, lazy imports included.
+START_PATH_NEVER = (
+    "click",  # ~35 ms: the quick parser runs instead (cowfs/cli/runcmd.py)
+    "dataclasses", "inspect",  # ~25 ms with the classes: cowfs/record.py
+    "typing", "re", "enum", "functools", "collections", "contextlib",  # ~17 ms together
+    "pathlib", "json", "socket", "signal", "shutil", "threading", "queue",  # ~30 ms more
+    "hashlib", "base64", "platform", "zstandard",  # the package's __init__: cowfs/zstd.py
+)  # fmt: skip
+
+
 def test_run_path_modules_do_not_load_what_only_other_commands_need() -> None:
-    """click (~35 ms), dataclasses (~25 ms with its classes, see cowfs/record.py), and the
-    object and TOC code that only the FUSE daemon (forked later) and imports use."""
-    heavy = ["click", "dataclasses", "inspect", "zstandard", "xxhash", "hashlib", "cowfs.toc",
-             "cowfs.objects", "cowfs.index"]  # fmt: skip
+    """And not the object and TOC code that only the FUSE daemon (forked early) uses."""
+    heavy = [*START_PATH_NEVER, "xxhash", "cowfs.toc", "cowfs.objects", "cowfs.index"]
     code = ("import sys, cowfs.cli, cowfs.cli.runcmd, runtime.container, cowfs.mounting\n"
             f"print([m for m in {heavy!r} if m in sys.modules])\n")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout == "[]\n", out.stderr
 
 
-def test_the_fuse_daemons_imports_do_not_load_dataclasses() -> None:
+def test_the_fuse_daemons_imports_do_not_load_what_the_start_path_never_needs() -> None:
     """A container's daemon imports these on the way to its first instruction (mounter.py)."""
-    heavy = ("dataclasses", "inspect", "hashlib")
-    code = ("import sys, cowfs.fuse, cowfs.mounting, cowfs.store\n"
+    heavy = START_PATH_NEVER
+    code = ("import sys, cowfs.fuse, cowfs.mounting, cowfs.store, runtime.mounter\n"
             "cowfs.fuse.preload()\n"
+            "import cowfs.objects, cowfs.index, cowfs.toc\n"
             f"print([m for m in {heavy!r} if m in sys.modules])\n")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout == "[]\n", out.stderr

@@ -448,3 +448,40 @@ def test_a_prepared_daemon_is_used_by_its_store_and_exits_when_not(
             if is_mounted(mnt):
                 m.umount(str(mnt))
     assert not os.path.exists(f"/proc/{pid}") and not os.path.exists(f"/proc/{early}")
+
+
+def test_a_container_start_imports_nothing_heavy_even_lazily(
+    busybox_image: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The modules the start path never imports (tests/test_cli_basics.py) stay unimported in
+    every process of a real `cowfs run`: the CLI, its FUSE daemon (forked early), the container's
+    init. An audit hook (inherited by forks) logs each import with its process."""
+    from tests.test_cli_basics import START_PATH_NEVER
+
+    need_fuse()
+    root, _ref = busybox_image
+    log = tmp_path / "imports"
+    hook = (
+        "import os, sys\n"
+        "def hook(event, args):\n"
+        "    if event == 'import':\n"
+        "        try:\n"
+        f"            with open({str(log)!r}, 'a') as f:\n"
+        "                f.write(f'{os.getpid()} {args[0]}\\n')\n"
+        "        except OSError:\n"
+        "            pass  # the init after its pivot: the log is not in its tree\n"
+        "sys.addaudithook(hook)\n"
+        "from cowfs.cli import main; main()\n"
+    )
+    args = ["--root", str(root), "run", "--rm", "busybox", "true"]
+    # A first start of an image merges its index once (and checks each layer's TOC against
+    # its sha256 with hashlib): the starts after it are the ones that count.
+    assert subprocess.run(_cowfs_cmd(root, tuple(args[2:])), capture_output=True).returncode == 0
+    proc = subprocess.run([sys.executable, "-c", hook, *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split() for line in log.read_text().splitlines()]
+    pids = {pid for pid, _ in lines}
+    assert len(pids) >= 2, pids  # the CLI and its daemon logged their imports
+    assert "cowfs.fuseengine" in {name for _, name in lines}  # the daemon's are in the log
+    assert [(pid, name) for pid, name in lines if name in START_PATH_NEVER] == [], lines

@@ -207,6 +207,26 @@ def test_env_workdir_user_hostname() -> None:
         build(IMAGE, RunOptions(env=["NOEQUALS"]), "a" * 64)
 
 
+def test_memory_sizes_parse_as_docker_s_syntax_says() -> None:
+    """parse_memory reads by hand what this pattern (docker's syntax) matches, no more."""
+    import re
+
+    pattern = re.compile(r"^(\d+(?:\.\d+)?)([bkmg]?)b?$", re.IGNORECASE)
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    for text in ("64m", "64M", "64mb", "64MB", "1g", "1.5g", "4194304", "4194304b", "4194304bb",
+                 "8192k", "8192kb", " 64m ", "64mbb", "64bm", "1.g", ".5g", "1..5g", "m", "b",
+                 "", "64 m", "0x40m", "64t", "-64m", "+64m", "64m\n", "1e9", "١٢٨m"):  # fmt: skip
+        m = pattern.match(text.strip())
+        want = int(float(m.group(1)) * units[m.group(2).lower()]) if m else None
+        try:
+            got: int | None = parse_memory(text)
+        except InvalidInput:
+            got = None
+        if want is not None and want < 4 << 20:
+            want = None  # too small: refused by both
+        assert got == want, text
+
+
 def test_limits_and_volumes_parse() -> None:
     assert parse_memory("64m") == 64 << 20 and parse_memory("1g") == 1 << 30
     for bad in ("lots", "1k", "-5m"):

@@ -9,7 +9,10 @@ even load click when its arguments are plainly valid (cowfs.cli.runcmd). Library
 from __future__ import annotations
 
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # `typing` is not loaded on the start path: see cowfs.cli.runcmd
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,7 +132,7 @@ def ps(ctx: click.Context, show_all: bool, as_json: bool, quiet: bool) -> None:
     if as_json:
         click.echo(json.dumps([{
             "Id": s.id, "Name": s.name, "Image": s.image, "Command": s.spec.args,
-            "Created": s.created, "Status": s.status.value, "ExitCode": s.exit_code,
+            "Created": s.created, "Status": s.status, "ExitCode": s.exit_code,
             "Pid": s.pid,
         } for s in states], indent=2))  # fmt: skip
         return

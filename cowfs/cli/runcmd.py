@@ -13,22 +13,29 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NamedTuple
 
+# Annotations only: `typing` (with the enum and re it loads) is ~17 ms of a start here, and
+# nothing on the start path needs it at run time (docs/ARCHITECTURE.md, "The start path").
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from cowfs.store import Store
     from runtime.mounter import CowfsMounter
 
 
-class Opt(NamedTuple):
-    names: tuple[str, ...]
-    dest: str
-    help: str
-    flag: bool = False
-    multiple: bool = False
-    type: type | None = None  # int or float; str when None
-    choices: tuple[str, ...] | None = None
-    default: Any = None
+class Opt:
+    """One option of `cowfs run`. (Not a NamedTuple: building that class costs ~5 ms.)"""
+
+    __slots__ = ("names", "dest", "help", "flag", "multiple", "type", "choices", "default")
+
+    def __init__(self, names: tuple[str, ...], dest: str, help: str, *, flag: bool = False,
+                 multiple: bool = False, type: type | None = None,
+                 choices: tuple[str, ...] | None = None, default: Any = None) -> None:  # fmt: skip
+        self.names, self.dest, self.help = names, dest, help
+        self.flag, self.multiple = flag, multiple
+        self.type = type  # int or float; str when None
+        self.choices, self.default = choices, default
 
 
 # The options of `cowfs run`, in --help order. cowfs.cli.container builds the click command

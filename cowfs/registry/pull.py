@@ -14,6 +14,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cowfs.errors import DigestMismatch, InvalidInput, NotFound, RegistryError
@@ -190,7 +191,7 @@ def _fetch_layers(
     with Workers(client, jobs, "cowfs-pull") as workers:
         # Inside the Workers block Ctrl-C is not raised mid-way: the staging directory made
         # here is always removed by the `finally` below.
-        staging = store.mkdtemp("pull")
+        staging = Path(store.mkdtemp("pull"))
 
         def one(desc: mf.Descriptor, diff_id: str) -> str:
             path = staging / desc.digest.removeprefix("sha256:")

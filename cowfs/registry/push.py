@@ -96,7 +96,7 @@ def push(
     progress = progress or NoProgress()
     cache = RegistryCache(store.cache_dir)
     repo = f"{r.registry}/{r.repository}"
-    staging = store.mkdtemp("push")
+    staging = Path(store.mkdtemp("push"))
     # An image may list one layer twice: plan and send it once.
     unique = {layer_id: _Layer(layer_id) for layer_id in image.layers}
     layers = list(unique.values())
