@@ -1,8 +1,10 @@
 """Starting a process inside (new or existing) namespaces and cgroups.
 
     runtime (subreaper) ── fork ─> intermediate: setsid, stdio, join cgroup,
+                                   unshare all but the mount namespace (run),
                                    [waits for "go": the runtime's `gate`]
-                                   unshare (run) or setns (exec) ── fork ─> target
+                                   unshare the mount namespace (run) or setns (exec)
+                                   ── fork ─> target
                                    sends the target's host pid, exits
 
 The pid namespace only applies to children of the process that unshared it, hence the
@@ -10,8 +12,9 @@ intermediate. It exits at once; the runtime is a child subreaper, so the target 
 to it and the runtime waits on it directly. The cgroup is joined before the fork so the target
 never runs a moment outside its limits. Joining a fresh v1 cgroup can take 10-20 ms (the
 kernel waits for an RCU grace period), so `gate` lets the caller overlap it with its own work:
-the intermediate joins, then waits for the gate to open before it creates the namespaces (the
-mount namespace copies the mount table then, so the container's root must be mounted by then).
+the intermediate joins and makes the other namespaces, then waits for the gate to open before
+it creates the mount namespace (which copies the mount table, so the container's root must be
+mounted by then).
 """
 
 from __future__ import annotations
@@ -76,12 +79,18 @@ def launch(
             _close_other_fds({theirs.fileno()})
             if cgroup is not None:
                 cgroup.join(os.getpid())
+            # Only the mount namespace needs the gate (it copies the mount table, which must
+            # hold the container's root by then); the others, a network namespace above all
+            # (2-10 ms here), are made while the runtime still waits for the mount.
+            mount_ns = [ns for ns in namespaces_ if ns.flag == sc.CLONE_NEWNS]
+            if join_pid is None:
+                namespaces.unshare_all(sys, [ns for ns in namespaces_ if ns not in mount_ns])
             if gate is not None:
                 go, _ = channel.recv(theirs, eof_ok=True)
                 if not go:
                     os._exit(125)  # the runtime gave up (its error is its own to report)
             if join_pid is None:
-                namespaces.unshare_all(sys, namespaces_)
+                namespaces.unshare_all(sys, mount_ns)
             else:
                 namespaces.join(sys, join_pid, namespaces_)
             child = os.fork()
@@ -98,7 +107,6 @@ def launch(
     if gate is not None:
         try:
             gate()
-            channel.send(ours, {"go": True})
         except BaseException:
             ours.close()
             try:
@@ -107,6 +115,10 @@ def launch(
                 pass
             os.waitpid(pid, 0)
             raise
+        try:
+            channel.send(ours, {"go": True})
+        except OSError:
+            pass  # it failed before the gate (an unshare): its error waits on the channel
     try:
         msg, _ = channel.recv(ours)
         assert msg is not None

@@ -390,13 +390,14 @@ def test_launch_reports_a_failed_unshare_and_leaves_no_child() -> None:
     assert process is not None and rec.calls == []
 
 
-def _launch_in_child(gate: str, unshare_fails: bool) -> str:
+def _launch_in_child(gate: str, unshare_fails: str) -> str:
+    """`unshare_fails`: which unshare calls fail, as an expression of their flags `f`."""
     code = (
         "import os\n"
         "from runtime import process, namespaces\n"
-        "from runtime.syscalls import RecordingSyscalls\n"
+        "from runtime.syscalls import CLONE_NEWNS, CLONE_NEWNET, RecordingSyscalls\n"
         f"rec = RecordingSyscalls(fail_on={{'unshare': lambda f: {unshare_fails}}})\n"
-        f"def gate():\n    print('gate', flush=True)\n    {gate}\n"
+        f"def gate():\n    os.write(1, b'gate\\n')\n    {gate}\n"
         "try:\n"
         "    process.launch(rec, lambda ch: os._exit(0), gate=gate,\n"
         "                   namespaces_=namespaces.for_network('none'))\n"
@@ -411,16 +412,33 @@ def _launch_in_child(gate: str, unshare_fails: bool) -> str:
                           cwd=Path(__file__).parent.parent, timeout=60).stdout  # fmt: skip
 
 
-def test_launch_gate_opens_before_the_namespaces_are_made() -> None:
-    # unshare fails: its error proves the intermediate went on past the gate, after it ran
-    out = _launch_in_child("pass", unshare_fails=True)
+def test_launch_gate_opens_before_the_mount_namespace_is_made() -> None:
+    # the mount namespace's unshare fails: its error proves the intermediate went on past the
+    # gate, after it ran
+    out = _launch_in_child("pass", unshare_fails="f & CLONE_NEWNS")
     assert out.startswith("gate\n")
     assert "ContainerError cannot start container process: [Errno 1] unshare" in out
     assert out.strip().endswith("no child")
 
 
+def test_launch_makes_the_other_namespaces_before_the_gate() -> None:
+    # The intermediate says which unshare it makes; the gate takes half a second to open. The
+    # network namespace's unshare comes before that, fails (so the runtime's "go" finds the
+    # intermediate gone), and its error is still what the runtime reports.
+    out = _launch_in_child("import time; time.sleep(0.5); os.write(1, b'opened\\n')",
+                           unshare_fails="os.write(1, b'unshare %d\\n' % f) and f & CLONE_NEWNET")
+    lines = out.splitlines()
+    from runtime.syscalls import CLONE_NEWNET
+
+    made = [line for line in lines if line.startswith("unshare ")]
+    assert len(made) == 1 and int(made[0].split()[1]) & CLONE_NEWNET, out
+    assert lines.index(made[0]) < lines.index("opened"), out
+    assert "ContainerError cannot start container process: [Errno 1] unshare" in out
+    assert out.strip().endswith("no child")
+
+
 def test_launch_gate_failure_passes_on_and_leaves_no_child() -> None:
-    out = _launch_in_child("raise RuntimeError('the mount failed')", unshare_fails=False)
+    out = _launch_in_child("raise RuntimeError('the mount failed')", unshare_fails="False")
     assert out.splitlines() == ["gate", "RuntimeError the mount failed", "no child"]
 
 
