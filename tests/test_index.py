@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cowfs.errors import Corruption
-from cowfs.index import ROOT_INO, MergedIndex, merge
+from cowfs.index import INDEX_MAGIC, ROOT_INO, MergedIndex, merge
 from cowfs.toc import DIR, REG, SYMLINK, Entry, Toc
 
 
@@ -108,8 +108,21 @@ def test_cache_round_trip_keeps_everything() -> None:
 
 
 def test_damaged_cache_is_corruption() -> None:
-    blob = bytearray(merge([toc(f("x"))]).dumps())
-    blob[-3] ^= 0xFF
+    """Damage in the table fails the load; damage in a directory's record fails the first
+    lookup that needs the record, whichever way it asks."""
+    good = merge([toc(d("a"), f("a/x"), f("y"))]).dumps()
+    back = MergedIndex.loads(good)
+    assert back.get("a/x") is not None and back.children.get("a") == ["x"]
+    for ask in (lambda i: i.get("a/x"), lambda i: "a/x" in i, lambda i: i.children.get("a"),
+                lambda i: i.ino["a/x"], lambda i: list(i.entries)):  # fmt: skip
+        blob = bytearray(good)
+        blob[-3] ^= 0xFF  # in the last record: a's
+        damaged = MergedIndex.loads(bytes(blob))
+        assert damaged.get("y") is not None  # the root's record is intact
+        with pytest.raises(Corruption, match="record of 'a' is damaged"):
+            ask(damaged)
+    blob = bytearray(good)
+    blob[len(INDEX_MAGIC) + 16 + 10] ^= 0x01  # in the table
     with pytest.raises(Corruption):
         MergedIndex.loads(bytes(blob))
     with pytest.raises(Corruption):
@@ -143,9 +156,16 @@ def test_cache_loads_directories_on_first_use(tmp_path) -> None:
     assert sorted(back.entries) == sorted(idx.entries) and dict(back.ino) == idx.ino
 
 
-def test_damaged_cache_file_is_corruption(tmp_path) -> None:
+def test_damaged_cache_file_is_corruption_and_removed(tmp_path) -> None:
     blob = bytearray(merge([toc(d("a"), f("a/x"))]).dumps())
-    blob[len(blob) // 2] ^= 0x01
+    blob[-2] ^= 0x01  # in a directory's record
+    (tmp_path / "index").write_bytes(bytes(blob))
+    idx = MergedIndex.load(tmp_path / "index")
+    with pytest.raises(Corruption, match="removed: the next mount rebuilds it"):
+        idx.get("a/x")
+    assert not (tmp_path / "index").exists()
+    blob[-2] ^= 0x01
+    blob[len(INDEX_MAGIC) + 16 + 10] ^= 0x01  # in the table
     (tmp_path / "index").write_bytes(bytes(blob))
     with pytest.raises(Corruption):
         MergedIndex.load(tmp_path / "index")
