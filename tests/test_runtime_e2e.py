@@ -485,3 +485,16 @@ def test_a_container_start_imports_nothing_heavy_even_lazily(
     assert len(pids) >= 2, pids  # the CLI and its daemon logged their imports
     assert "cowfs.fuseengine" in {name for _, name in lines}  # the daemon's are in the log
     assert [(pid, name) for pid, name in lines if name in START_PATH_NEVER] == [], lines
+
+
+def test_readying_the_cgroup_join_moves_nothing() -> None:
+    """cgroups.warm_attach (started by `cowfs run`) writes the caller's pid to the caller's own
+    cgroup.procs: as root it is allowed, and the process is where it was in every hierarchy."""
+    code = ("from runtime.cgroups import warm_attach\n"
+            "before = open('/proc/self/cgroup').read()\n"
+            "warm_attach()\n"
+            "print(before == open('/proc/self/cgroup').read(), before.count(':'))\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    same, fields = out.stdout.split()
+    assert same == "True" and int(fields) >= 2

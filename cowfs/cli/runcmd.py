@@ -224,6 +224,12 @@ def quick_main(args: list[str]) -> int | None:
 
             mounter = CowfsMounter()
             mounter.prepare(root, image)
+            # And the kernel readies the container's cgroup join meanwhile (~10 ms here).
+            import _thread
+
+            from runtime.cgroups import warm_attach
+
+            _thread.start_new_thread(warm_attach, ())
         from cowfs.store import Store
 
         store = Store(root)
