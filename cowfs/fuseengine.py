@@ -472,8 +472,7 @@ class Engine:
         return _NO_REPLY
 
     def _syncfs(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
-        if self.fs.upper is not None and not self.fs.read_only:
-            self.fs.upper.syncfs()
+        self.fs.syncfs()
         return b""
 
     def _statfs(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:

@@ -103,18 +103,19 @@ def _scan_dir(path: str) -> Toc:
 
 
 def build_image_fs(store: Any, ref: str, upper: str | None, work: str | None,
-                   read_only: bool) -> Any:  # fmt: skip
+                   read_only: bool, volatile: bool = False) -> Any:  # fmt: skip
     from cowfs.lowers import StoredLayer
     from cowfs.unionfs import UnionFS
 
     image = store.resolve(ref)
     idx = image_index(store, image)
     layers = [StoredLayer(store.objects) for _ in image.layers]
-    return UnionFS(idx, layers, upper, work, read_only=read_only, space=store.path())
+    return UnionFS(idx, layers, upper, work, read_only=read_only, volatile=volatile,
+                   space=store.path())  # fmt: skip
 
 
 def build_dir_fs(lowers: Sequence[str], upper: str | None, work: str | None,
-                 read_only: bool) -> Any:  # fmt: skip
+                 read_only: bool, volatile: bool = False) -> Any:  # fmt: skip
     """Lowers top first, as overlayfs's lowerdir= lists them."""
     from cowfs.index import merge
     from cowfs.lowers import DirLayer
@@ -123,7 +124,7 @@ def build_dir_fs(lowers: Sequence[str], upper: str | None, work: str | None,
     bottom_first = list(reversed(lowers))
     idx = merge([_scan_dir(d) for d in bottom_first])
     return UnionFS(idx, [DirLayer(d) for d in bottom_first], upper, work, read_only=read_only,
-                   space=lowers[0])  # fmt: skip
+                   volatile=volatile, space=lowers[0])  # fmt: skip
 
 
 # -- the daemon ------------------------------------------------------------------------------------
@@ -194,9 +195,10 @@ def _daemon_main(spec: dict[str, Any], errors: list[str] | None = None) -> int:
             from cowfs.store import Store
 
             fs = build_image_fs(Store(spec["store"]), spec["ref"], spec["upper"], spec["work"],
-                                spec["read_only"])  # fmt: skip
+                                spec["read_only"], spec.get("volatile", False))  # fmt: skip
         else:
-            fs = build_dir_fs(spec["lowers"], spec["upper"], spec["work"], spec["read_only"])
+            fs = build_dir_fs(spec["lowers"], spec["upper"], spec["work"], spec["read_only"],
+                              spec.get("volatile", False))  # fmt: skip
     except (CowfsError, OSError) as exc:
         msg = exc.message if isinstance(exc, CowfsError) else str(exc)
         _tell(ready_fd, f"error {msg}", errors)
@@ -263,6 +265,7 @@ def mount(
     work: str | os.PathLike | None = None,
     read_only: bool = False,
     *,
+    volatile: bool = False,
     foreground: bool = False,
     threads: bool = False,
     writeback: bool = False,
@@ -270,6 +273,7 @@ def mount(
     """Mount image `ref` of `store` at `mountpoint`; return the daemon pid once it is live.
 
     Without upper/work a fresh pair is made under <store>/mounts/ (unless read_only).
+    `volatile`: nothing of the upper is forced to disk (cowfs.unionfs.UnionFS).
     """
     mountpoint = os.path.abspath(mountpoint)
     up = None if upper is None else os.path.abspath(upper)
@@ -279,8 +283,8 @@ def mount(
     if up is None and not read_only:
         up, wk = _fresh_upper(store)
     spec = {"store": store.path(), "ref": ref, "mountpoint": mountpoint, "upper": up,
-            "work": wk, "read_only": read_only, "threads": threads, "writeback": writeback,
-            "fsname": f"cowfs:{ref}"}  # fmt: skip
+            "work": wk, "read_only": read_only, "volatile": volatile, "threads": threads,
+            "writeback": writeback, "fsname": f"cowfs:{ref}"}  # fmt: skip
     return _run(spec, foreground)
 
 
@@ -291,6 +295,7 @@ def mount_dirs(
     work: str | os.PathLike | None = None,
     read_only: bool = False,
     *,
+    volatile: bool = False,
     foreground: bool = False,
     threads: bool = False,
     writeback: bool = False,
@@ -307,8 +312,9 @@ def mount_dirs(
         if not os.path.isdir(d):
             raise NotFound(f"lower directory {d} does not exist")
     spec = {"lowers": [os.path.abspath(d) for d in lowers], "mountpoint": mountpoint,
-            "upper": up, "work": wk, "read_only": read_only or up is None, "threads": threads,
-            "writeback": writeback, "fsname": fsname}  # fmt: skip
+            "upper": up, "work": wk, "read_only": read_only or up is None,
+            "volatile": volatile, "threads": threads, "writeback": writeback,
+            "fsname": fsname}  # fmt: skip
     return _run(spec, foreground)
 
 
@@ -434,7 +440,7 @@ def _helper_main(argv: list[str]) -> int:
             values[key] = value
         elif opt not in _GENERIC_OPTIONS:
             flags.add(opt)
-    unknown = (set(values) - {"lowerdir", "upperdir", "workdir"}) | (flags - {"ro"})
+    unknown = (set(values) - {"lowerdir", "upperdir", "workdir"}) | (flags - {"ro", "volatile"})
     try:
         if unknown:
             raise InvalidInput(f"unsupported option(s): {', '.join(sorted(unknown))}")
@@ -442,7 +448,8 @@ def _helper_main(argv: list[str]) -> int:
             raise InvalidInput("lowerdir= is required")
         lowers = [d for d in values["lowerdir"].split(":") if d]
         mount_dirs(lowers, mountpoint, values.get("upperdir"), values.get("workdir"),
-                   read_only="ro" in flags, fsname=source)  # fmt: skip
+                   read_only="ro" in flags, volatile="volatile" in flags,
+                   fsname=source)  # fmt: skip
     except CowfsError as exc:
         print(f"Error: {exc.message}", file=sys.stderr)
         return exc.exit_code

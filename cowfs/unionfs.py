@@ -80,6 +80,7 @@ def _user_xattr(name: str) -> str | None:
 UPPER_INO_BASE = 1 << 32
 NAME_MAX = 255
 _WORK_PREFIX = "#cowfs-"
+VOLATILE_MARK = "volatile"  # in the work dir while a volatile mount lasts (see UnionFS)
 HIDDEN_PREFIX = ".fuse_hidden"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 _IFMT_KIND = {
@@ -178,13 +179,21 @@ class UnionFS:
         work: str | os.PathLike | None,
         *,
         read_only: bool = False,
+        volatile: bool = False,
         space: str | os.PathLike | None = None,
     ) -> None:
-        """`space`: the host dir whose free space statfs reports without an upper."""
+        """`space`: the host dir whose free space statfs reports without an upper.
+
+        `volatile`, as overlayfs's option of that name: nothing of the upper is forced to disk
+        (fsync, syncfs, a copy-up's fdatasync and the unmount's sync do nothing), for an upper
+        that is thrown away after use (`run --rm`, as podman does). While it is mounted so,
+        <work>/volatile exists; an upper whose mount ended without removing it (a crash) may
+        hold incomplete files, and is refused until that directory is removed."""
         self.idx = index
         self.layers = list(layers)
         self.space = space
         self.read_only = read_only or upper is None
+        self.volatile = volatile and not self.read_only
         self.upper = HostDir(upper) if upper is not None else None
         self.work = HostDir(work) if work is not None and not self.read_only else None
         if not self.read_only and self.work is None:
@@ -209,10 +218,22 @@ class UnionFS:
         self._detached: dict[str, list[int]] = {}  # hidden name -> open handles
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
+        if self.work is not None:
+            try:
+                self.work.lstat(VOLATILE_MARK)
+            except FileNotFoundError:
+                pass
+            else:
+                raise CowfsError(
+                    f"the upper was mounted volatile and its mount did not end cleanly: it may "
+                    f"hold incomplete files (remove {self.work.path}/{VOLATILE_MARK} to use it "
+                    f"anyway)", errno=errno.EINVAL)  # fmt: skip
         if self.upper is not None:
             self._scan_upper()
         if self.work is not None:
             self._clean_work()
+            if self.volatile:
+                self.work.mkdir(VOLATILE_MARK, 0o700)
 
     def close(self) -> None:
         for h in list(self._handles.values()):
@@ -220,8 +241,9 @@ class UnionFS:
         self._handles.clear()
         for layer in self.layers:
             layer.close()
-        if self.upper is not None and not self.read_only:
-            self.upper.syncfs()  # umount returns with the changes on disk
+        self.syncfs()  # umount returns with the changes on disk
+        if self.volatile and self.work is not None:
+            self.work.rmdir(VOLATILE_MARK)  # a clean end: the upper is whole
         for d in (self.upper, self.work):
             if d is not None:
                 d.close()
@@ -725,15 +747,20 @@ class UnionFS:
         # A file may have got more names since it was opened (`ln`): asked now, not at open.
         return h.host_ino is not None or h.path in self._link_of
 
+    def syncfs(self) -> None:
+        """The upper's filesystem to disk (syncfs(2)), unless there is none or it is volatile."""
+        if self.upper is not None and not self.read_only and not self.volatile:
+            self.upper.syncfs()
+
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
-        if h.fd >= 0:
+        if h.fd >= 0 and not self.volatile:
             (os.fdatasync if datasync else os.fsync)(h.fd)
 
     @_locked
     def fsyncdir(self, path: str) -> None:
         in_upper, _ = self._need(path)
-        if in_upper:
+        if in_upper and not self.volatile:
             assert self.upper is not None
             fd = self.upper.opendir(path)
             try:
@@ -1263,7 +1290,8 @@ class UnionFS:
                         self.layers[self.idx.layer[path]].copy_into(path, e, fd)
                         # As overlayfs does: the copy is on disk before the rename makes it
                         # hide the lower file, so a host crash cannot leave an empty file there.
-                        os.fdatasync(fd)
+                        if not self.volatile:
+                            os.fdatasync(fd)
                 finally:
                     os.close(fd)
             elif e.kind == DIR:

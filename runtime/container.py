@@ -203,9 +203,11 @@ class Runtime:
             if not is_mounted(sd.rootfs):
                 # The daemon mounts while we set up; the intermediate awaits it (gate) right
                 # before it creates the namespaces, so its cgroup join overlaps it too.
+                # A container removed at its end needs nothing of its upper on disk: a
+                # volatile mount (as podman's for --rm) skips every sync, the unmount's too.
                 wait_mount = start_mount(self.mounter, self.store, state.image_id,
-                                         str(sd.rootfs), upper=str(sd.upper),
-                                         work=str(sd.work))  # fmt: skip
+                                         sd.rootfs, upper=sd.upper, work=sd.work,
+                                         volatile=state.auto_remove)  # fmt: skip
             _write_etc(sd, spec)
             cgroup = Cgroup.for_container(state.id)
             cgroup.create(spec.limits)

@@ -22,20 +22,20 @@ if TYPE_CHECKING:
 
     class Mounter(Protocol):
         def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
-                  read_only: bool = False) -> Any: ...  # fmt: skip
+                  read_only: bool = False, volatile: bool = False) -> Any: ...  # fmt: skip
 
         def umount(self, mountpoint: str) -> None: ...
 
 
 def start_mount(mounter: Mounter, store: Store, ref: str, mountpoint: str, *, upper: str,
-                work: str) -> Callable[[], Any]:  # fmt: skip
+                work: str, volatile: bool = False) -> Callable[[], Any]:  # fmt: skip
     """Begin mounting; the returned call waits until the mount is live and returns what
     `mount` returns. A mounter with a `start` method (CowfsMounter) mounts in the background
     meanwhile; any other mounts here and now."""
     start = getattr(mounter, "start", None)
     if start is not None:
-        return start(store, ref, mountpoint, upper=upper, work=work)
-    result = mounter.mount(store, ref, mountpoint, upper=upper, work=work)
+        return start(store, ref, mountpoint, upper=upper, work=work, volatile=volatile)
+    result = mounter.mount(store, ref, mountpoint, upper=upper, work=work, volatile=volatile)
     return lambda: result
 
 
@@ -115,9 +115,9 @@ class CowfsMounter:
         self._early: tuple[str, int, _socket.socket] | None = None  # store root, pid, link
 
     def mount(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
-              read_only: bool = False) -> Any:  # fmt: skip
-        return self.start(store, ref, mountpoint, upper=upper, work=work,
-                          read_only=read_only).wait()  # fmt: skip
+              read_only: bool = False, volatile: bool = False) -> Any:  # fmt: skip
+        return self.start(store, ref, mountpoint, upper=upper, work=work, read_only=read_only,
+                          volatile=volatile).wait()  # fmt: skip
 
     def prepare(self, root: str | os.PathLike, ref: str) -> None:
         """Fork the daemon for this process's next mount now (see above), for the store at
@@ -143,7 +143,7 @@ class CowfsMounter:
             os.waitpid(early[1], 0)
 
     def start(self, store: Store, ref: str, mountpoint: str, *, upper: str, work: str,
-              read_only: bool = False) -> PendingMount:  # fmt: skip
+              read_only: bool = False, volatile: bool = False) -> PendingMount:  # fmt: skip
         """Have the prepared daemon (forked now if there is none) mount image `ref` of `store`
         at `mountpoint`; the returned PendingMount waits until it is live."""
         mountpoint = os.path.abspath(mountpoint)
@@ -156,7 +156,7 @@ class CowfsMounter:
         _, pid, link = self._early
         self._early = None
         order = {"ref": ref, "mountpoint": mountpoint, "upper": upper, "work": work,
-                 "read_only": read_only}  # fmt: skip
+                 "read_only": read_only, "volatile": volatile}  # fmt: skip
         try:
             link.sendall(fastjson.dumps(order).encode())
             link.shutdown(_socket.SHUT_WR)
@@ -224,7 +224,8 @@ def _early_daemon(root: str, ref: str, link: _socket.socket) -> None:
 
     set_title(f"cowfs-fuse {order['mountpoint']}")
     mounting.mount(store, order["ref"], order["mountpoint"], upper=order["upper"],
-                   work=order["work"], read_only=order["read_only"], foreground=True)  # fmt: skip
+                   work=order["work"], read_only=order["read_only"], volatile=order["volatile"],
+                   foreground=True)  # fmt: skip
 
 
 def _report(fd: int, message: str) -> None:

@@ -215,3 +215,52 @@ def test_mount_helper_with_lowerdirs_only_is_read_only(dir_lowers: tuple[Path, P
     assert (mnt / "a/b/f").read_text() == "bottom"
     assert subprocess.run(["touch", str(mnt / "x")], capture_output=True).returncode != 0
     assert subprocess.run(["umount", str(mnt)]).returncode == 0
+
+
+def test_a_volatile_mount_never_syncs_and_marks_its_upper_until_it_ends(
+    store_root: Path, image: str, mnt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--volatile` (overlayfs's option; `run --rm` mounts so): copy-up, fsync and the unmount
+    force nothing to disk; <work>/volatile exists while mounted, and an upper whose volatile
+    mount did not end cleanly is refused, with one line, until that is removed."""
+    from cowfs.mounting import build_image_fs
+
+    store = Store(store_root)
+    syncs: list[str] = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: syncs.append("fdatasync"))
+    monkeypatch.setattr(os, "fsync", lambda fd: syncs.append("fsync"))
+    for volatile in (False, True):
+        up, wk = tmp_path / f"up{volatile}", tmp_path / f"wk{volatile}"
+        up.mkdir()
+        wk.mkdir()
+        syncs.clear()
+        fs = build_image_fs(store, image, str(up), str(wk), False, volatile)
+        assert (wk / "volatile").is_dir() == volatile
+        fh, _ = fs.open("big", os.O_RDWR)  # copy-up of a file of several frames
+        fs.write(fh, b"X", 0)
+        fs.fsync(fh, True)
+        fs.release(fh)
+        fs.close()
+        assert (syncs == []) == volatile, syncs
+        assert not (wk / "volatile").exists()  # a clean end
+        assert (up / "big").read_bytes() == b"X" + BIG[1:]
+    monkeypatch.undo()
+
+    up, wk = tmp_path / "up", tmp_path / "wk"
+    up.mkdir()
+    wk.mkdir()
+    res = cowfs(store_root, "mount", "--volatile", image, str(mnt), "--upper", str(up),
+                "--work", str(wk))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert (wk / "volatile").is_dir()
+    (mnt / "etc/new").write_text("new\n")
+    assert cowfs(store_root, "umount", str(mnt)).returncode == 0
+    assert not (wk / "volatile").exists() and (up / "etc/new").read_text() == "new\n"
+    (wk / "volatile").mkdir()  # as a crash would leave it
+    res = cowfs(store_root, "mount", image, str(mnt), "--upper", str(up), "--work", str(wk))
+    assert res.returncode != 0 and not mounting.is_mounted(mnt)
+    assert res.stderr.count("\n") == 1 and "mounted volatile" in res.stderr, res.stderr
+    (wk / "volatile").rmdir()
+    res = cowfs(store_root, "mount", image, str(mnt), "--upper", str(up), "--work", str(wk))
+    assert res.returncode == 0, res.stderr
+    assert (mnt / "etc/new").read_text() == "new\n"

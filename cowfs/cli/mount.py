@@ -29,10 +29,12 @@ def _store(obj: dict):
 @click.option("--upper", type=click.Path(file_okay=False), help="Writable upper dir (with --work).")
 @click.option("--work", type=click.Path(file_okay=False), help="Work dir (same fs as upper).")
 @click.option("--read-only", is_flag=True, help="No upper: every change fails with EROFS.")
+@click.option("--volatile", is_flag=True,
+              help="Never force the upper to disk (as overlayfs's volatile): a throwaway upper.")
 @click.option("--foreground", is_flag=True, help="Serve in this process until unmounted.")
 @click.pass_obj
 def mount(obj: dict, image_ref: str, mountpoint: str, upper: str | None, work: str | None,
-          read_only: bool, foreground: bool) -> None:  # fmt: skip
+          read_only: bool, volatile: bool, foreground: bool) -> None:  # fmt: skip
     """Mount IMAGE at MOUNTPOINT; returns once the mount is live (daemon in the background).
 
     Without --upper/--work, changes go to a fresh upper dir under the store.
@@ -42,7 +44,7 @@ def mount(obj: dict, image_ref: str, mountpoint: str, upper: str | None, work: s
 
     store = _store(obj)
     image_ref = image_for(store, image_ref)  # pulled from its registry when not in the store
-    mounting.mount(store, image_ref, mountpoint, upper, work, read_only,
+    mounting.mount(store, image_ref, mountpoint, upper, work, read_only, volatile=volatile,
                    foreground=foreground)  # fmt: skip
 
 
