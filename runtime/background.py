@@ -9,6 +9,14 @@ import os
 from runtime.proctitle import set_title
 
 
+def report(fd: int, message: str) -> None:
+    """Tell the parent of a helper that failed why, on `fd`, if it still listens."""
+    try:
+        os.write(fd, message.encode())
+    except OSError:
+        pass  # nobody listens any more
+
+
 def detach(keep_fd: int, title: str) -> None:
     """Turn a forked child into a background helper (monitor, FUSE daemon): stdio on
     /dev/null, no descriptor of the caller's but `keep_fd`, cwd /, a title for ps."""

@@ -15,6 +15,7 @@ from _signal import SIGKILL  # signal.py loads enum: not on the start path
 
 from cowfs.errors import ContainerError
 from cowfs.record import record
+from runtime.process import kill_quietly
 from runtime.spec import Limits
 
 CONTROLLERS = ("memory", "pids", "cpu")
@@ -239,8 +240,5 @@ class Cgroup:
                     if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                         raise ContainerError(f"cannot remove cgroup {path}: {exc}") from exc
                     for pid in self.pids():
-                        try:
-                            os.kill(pid, SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                        kill_quietly(pid, SIGKILL)
                     time.sleep(0.01)

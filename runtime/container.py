@@ -169,10 +169,10 @@ class Runtime:
                 background.detach(w, f"cowfs-monitor {sd.id[:12]}")
                 self._supervise(sd, attached=False, ready_fd=w)
             except CowfsError as exc:
-                _tell(w, f"error {exc.exit_code} {exc.message}")
+                background.report(w, f"error {exc.exit_code} {exc.message}")
                 code = 1
             except BaseException as exc:  # noqa: BLE001 - a forked monitor must never unwind
-                _tell(w, f"error 125 monitor: {exc!r}")
+                background.report(w, f"error 125 monitor: {exc!r}")
                 code = 1
             os._exit(code)
         os.close(w)
@@ -359,10 +359,7 @@ class Runtime:
     def kill(self, ref: str, sig: str | int = "KILL") -> State:
         signum = _signal_number(sig)
         _sd, state = self._running(ref)
-        try:
-            os.kill(state.pid, signum)  # its init forwards it to the command
-        except ProcessLookupError:
-            pass
+        process.kill_quietly(state.pid, signum)  # its init forwards it to the command
         return state
 
     def wait(self, sd: StateDir, timeout: float | None = None) -> State | None:
@@ -400,10 +397,10 @@ class Runtime:
 
     def stop(self, ref: str, timeout: float = 10.0) -> State | None:
         sd, state = self._running(ref)
-        _kill(state.pid, SIGTERM)
+        process.kill_quietly(state.pid, SIGTERM)
         state = self.wait(sd, timeout)
         if state is not None and state.status == Status.RUNNING:
-            _kill(state.pid, SIGKILL)
+            process.kill_quietly(state.pid, SIGKILL)
             state = self.wait(sd, 30)
         return state
 
@@ -413,7 +410,7 @@ class Runtime:
         if not state.can_delete(force):
             raise InUse(f"container {state.name} is running: stop it first or use rm -f")
         if state.status == Status.RUNNING:
-            _kill(state.pid, SIGKILL)
+            process.kill_quietly(state.pid, SIGKILL)
             name = state.name
             state = self.wait(sd, 30)
             if state is None:
@@ -617,20 +614,6 @@ class MergedView:
     def __exit__(self, *exc: object) -> None:
         if self._mounted_here:
             self._rt.mounter.umount(self._sd.rootfs)
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _tell(fd: int, message: str) -> None:
-    try:
-        os.write(fd, message.encode())
-    except OSError:
-        pass
 
 
 def _write_etc(sd: StateDir, spec: ContainerSpec) -> None:

@@ -22,6 +22,7 @@ import warnings  # noqa: F401 - os.execvpe imports it (in os.get_exec_path), aft
 from runtime import capabilities, namespaces, rootfs, users
 from runtime import syscalls as sc
 from runtime.channel import send
+from runtime.process import kill_quietly
 from runtime.proctitle import set_title
 
 TYPE_CHECKING = False  # annotations only (docs/ARCHITECTURE.md, "The start path")
@@ -131,10 +132,7 @@ def reap_forever(main_pid: int, forwarded: set[int]) -> NoReturn:
     while True:
         info = _signal.sigwaitinfo(waitset)
         if info.si_signo != _signal.SIGCHLD:
-            try:
-                os.kill(main_pid, info.si_signo)
-            except ProcessLookupError:
-                pass
+            kill_quietly(main_pid, info.si_signo)
             continue
         while True:
             try:

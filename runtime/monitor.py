@@ -19,6 +19,7 @@ import time
 import tty
 
 from cowfs import fastjson
+from runtime.process import kill_quietly
 
 TYPE_CHECKING = False  # annotations only (docs/ARCHITECTURE.md, "The start path")
 if TYPE_CHECKING:
@@ -91,10 +92,7 @@ class Attached:
         self._saved_mode: list | None = None
 
     def _forward(self, signum: int, _frame: object) -> None:
-        try:
-            os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
+        kill_quietly(self.pid, signum)
 
     def _resize(self, _signum: int, _frame: object) -> None:
         if self.master is not None:

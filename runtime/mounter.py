@@ -12,6 +12,7 @@ import os
 
 from cowfs import fastjson
 from cowfs.errors import CowfsError
+from runtime import background
 
 TYPE_CHECKING = False  # annotations only: `typing` is not loaded on the start path
 if TYPE_CHECKING:
@@ -179,16 +180,14 @@ class CowfsMounter:
         code = 2
         fd = link.fileno()
         try:
-            from runtime import background
-
             os.setsid()  # terminal signals to the caller must not take the mount down
             background.detach(fd, "cowfs-fuse (starting)")
             _early_daemon(root, ref, link)
             code = 0
         except CowfsError as exc:
-            _report(fd, exc.message)
+            background.report(fd, exc.message)
         except BaseException as exc:  # noqa: BLE001 - a forked daemon must never unwind
-            _report(fd, repr(exc))
+            background.report(fd, repr(exc))
         os._exit(code)
 
     def umount(self, mountpoint: str) -> None:
@@ -227,12 +226,6 @@ def _early_daemon(root: str, ref: str, link: _socket.socket) -> None:
                    work=order["work"], read_only=order["read_only"], volatile=order["volatile"],
                    foreground=True)  # fmt: skip
 
-
-def _report(fd: int, message: str) -> None:
-    try:
-        os.write(fd, message.encode())
-    except OSError:
-        pass  # nobody listens any more
 
 
 def is_mounted(path: str | os.PathLike) -> bool:

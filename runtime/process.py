@@ -40,6 +40,14 @@ if TYPE_CHECKING:
     from runtime.syscalls import Syscalls
 
 
+def kill_quietly(pid: int, sig: int) -> None:
+    """os.kill, where a process already gone is no error."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _close_other_fds(keep: set[int]) -> None:
     # Nothing of the host may leak in through an inherited descriptor.
     top = 3
@@ -109,10 +117,7 @@ def launch(
             gate()
         except BaseException:
             ours.close()
-            try:
-                os.kill(pid, SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_quietly(pid, SIGKILL)
             os.waitpid(pid, 0)
             raise
         try:
