@@ -229,12 +229,16 @@ def _daemon_main(spec: dict[str, Any], errors: list[str] | None = None) -> int:
         _tell(ready_fd, f"error {exc.message}", None if live else errors)
         return 2
     finally:
-        for path in (pidfile, _logfile(pidfile)):
-            try:
-                if path == pidfile or not os.path.getsize(path):
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(pidfile)
+        except FileNotFoundError:
+            pass
+        logfile = _logfile(pidfile)
+        try:
+            if not os.path.getsize(logfile):  # nothing logged: nothing to keep
+                os.unlink(logfile)
+        except FileNotFoundError:
+            pass
     if not live:
         _tell(ready_fd, "error FUSE did not start (is /dev/fuse usable?)", errors)
     return 0
