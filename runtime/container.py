@@ -5,8 +5,9 @@ The order of a start, and why:
      before any namespace or cgroup exists, so it stays outside both; it mounts in the
      background while steps 2-3 run (they do not need the mount).
   2. create the cgroups (children of our own) and write the limits.
-  3. launch: intermediate joins the cgroups, then waits until the mount is live (the mount
-     namespace it creates next copies the mount table), unshares the namespaces, forks PID 1.
+  3. launch: intermediate joins the cgroups, unshares every namespace but the mount one, then
+     waits until the mount is live (the mount namespace it creates next copies the mount
+     table), unshares that one, forks PID 1.
   4. PID 1 mounts /proc, /dev, /sys ..., pivots onto the FUSE mount, cuts capabilities, forks
      the command and reaps.
   5. the monitor (the attached CLI, or a detached copy of it) relays output and waits; at exit

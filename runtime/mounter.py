@@ -103,10 +103,11 @@ class CowfsMounter:
     awaits the mount only when the container needs it.
 
     The daemon's own imports (the FUSE engine, the union filesystem, index and object code:
-    ~45 ms) and the loading of the image's index are on the way to every container's first
-    instruction. `prepare` forks the daemon of the next mount before the caller has even
-    imported the runtime: the child does that work on the other CPU while the caller imports,
-    creates the container and its cgroups, and `start` then only tells it where to mount.
+    ~20 ms, kept lean: docs/ARCHITECTURE.md, "The start path") and the loading of the image's
+    index are on the way to every container's first instruction. `prepare` forks the daemon of
+    the next mount before the caller has even imported the runtime: the child does that work
+    on the other CPU while the caller imports, creates the container and its cgroups, and
+    `start` then only tells it where to mount.
 
     The child serves the mount in the foreground (mounting.mount(foreground=True)).
     """
