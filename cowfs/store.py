@@ -128,6 +128,11 @@ class Store:
         _check_hex(layer_id, 64, "layer id")
         return self.root / "layers" / layer_id
 
+    def _layer_path(self, layer_id: str, *parts: str) -> str:
+        """`layer_dir` (or a file in it) as a str: what the start path uses."""
+        _check_hex(layer_id, 64, "layer id")
+        return self.path("layers", layer_id, *parts)
+
     def mkdtemp(self, prefix: str) -> str:
         """A new private directory under tmp/ (a str: see `path`)."""
         path = self.path("tmp", f"{prefix}.{os.getpid()}.{os.urandom(6).hex()}")
@@ -153,8 +158,7 @@ class Store:
         toc = self._tocs.get(layer_id)
         if toc is None:
             try:
-                _check_hex(layer_id, 64, "layer id")
-                with open(self.path("layers", layer_id, "toc"), "rb") as f:
+                with open(self._layer_path(layer_id, "toc"), "rb") as f:
                     blob = f.read()
             except FileNotFoundError:
                 raise NotFound(f"layer {layer_id[:12]} not found") from None
@@ -166,7 +170,7 @@ class Store:
 
     def layer_meta(self, layer_id: str) -> LayerMeta:
         try:
-            doc = _read_json(os.path.join(self.layer_dir(layer_id), "meta.json"))
+            doc = _read_json(self._layer_path(layer_id, "meta.json"))
         except FileNotFoundError:
             raise NotFound(f"layer {layer_id[:12]} not found") from None
         blobs = dict(doc.get("blobs") or {})

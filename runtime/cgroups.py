@@ -125,6 +125,15 @@ def _write(path: str, value: str) -> None:
             raise
 
 
+def locate_here(name: str) -> dict[str, tuple[str, str]]:
+    """`locate` for the calling process: its /proc/self/cgroup and mountinfo."""
+    with open("/proc/self/cgroup") as f:
+        proc_cgroup = f.read()
+    with open("/proc/self/mountinfo") as f:
+        mountinfo = f.read()
+    return locate(name, proc_cgroup, mountinfo)
+
+
 def warm_attach() -> None:
     """Ready the kernel for a container's cgroup join, ahead of it (run from a thread).
 
@@ -135,11 +144,7 @@ def warm_attach() -> None:
     own pid into the caller's own cgroup of a controller the container will use (the process
     is there already: nothing moves). Any failure only means no head start."""
     try:
-        with open("/proc/self/cgroup") as f:
-            proc_cgroup = f.read()
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
-        for _version, path in locate("-", proc_cgroup, mountinfo).values():
+        for _version, path in locate_here("-").values():
             with open(os.path.join(os.path.dirname(path), "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
             return
@@ -155,11 +160,7 @@ class Cgroup:
 
     @classmethod
     def for_container(cls, container_id: str) -> Cgroup:
-        with open("/proc/self/cgroup") as f:
-            proc_cgroup = f.read()
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
-        return cls(locate(f"cowfs-{container_id[:12]}", proc_cgroup, mountinfo))
+        return cls(locate_here(f"cowfs-{container_id[:12]}"))
 
     def unique_dirs(self) -> list[str]:
         return sorted({d for _v, d in self.dirs.values()})
