@@ -73,6 +73,9 @@ SPIN_NS = int(os.environ.get("COWFS_SPIN_US",
 # Small files read whole at their first open and stored in the page cache (Engine._prefill);
 # COWFS_PREFILL_KIB=0 turns it off.
 PREFILL_MAX = min(int(os.environ.get("COWFS_PREFILL_KIB", "256")), 1 << 20) << 10  # <= 1 GiB
+# How many files of a directory read in listing order are prefilled ahead of the reader, at
+# most (Engine._read_ahead); the window doubles from 2 with each open that keeps the order.
+AHEAD_FILES = 8
 BUFSIZE = MAX_WRITE + (1 << 16)  # a write's data plus its headers, or a 64 KiB xattr value
 
 _NO_REPLY = object()
@@ -86,7 +89,7 @@ class _Stop(BaseException):
 
 class _Node:
     __slots__ = ("id", "parent", "name", "nlookup", "fhs", "backing", "direct", "no_xattr",
-                 "xgen", "filled")  # fmt: skip
+                 "xgen", "filled", "after")  # fmt: skip
 
     def __init__(self, nid: int, parent: int, name: str) -> None:
         self.id = nid
@@ -105,6 +108,7 @@ class _Node:
         self.no_xattr: set[bytes] | None = None
         self.xgen = 0
         self.filled = False  # its whole content was stored in the kernel's page cache (_open)
+        self.after = 0  # the next small regular file of its directory's listing (_dirents)
 
 
 def _attr_valid(a: dict[str, int]) -> int:
@@ -170,6 +174,12 @@ class Engine:
         self._waiting = False
         self._stop = False
         self._xgen = 1  # bumped by every setxattr/removexattr: see _Node.no_xattr
+        # Directory read-ahead (_read_ahead): the last small file of each listing being sent,
+        # the last small file opened, the window, and the nodes to prefill while idle.
+        self._tails: dict[int, int] = {}
+        self._last_open = 0
+        self._window = 0
+        self._ahead: list[int] = []
         self._handlers: dict[int, Callable[[int, int, int, memoryview], Any]] = {
             P.INIT: self._init, P.LOOKUP: self._lookup, P.FORGET: self._forget,
             P.BATCH_FORGET: self._batch_forget, P.GETATTR: self._getattr,
@@ -289,6 +299,15 @@ class Engine:
                 return readv(fd, [buf])
             except BlockingIOError:
                 pass
+            if self._ahead:  # idle: prefill the next file a sequential reader will open
+                self._waiting = False
+                try:
+                    self._fetch_ahead(self._ahead.pop(0))
+                finally:
+                    self._waiting = True
+                if self._stop:
+                    raise _Stop
+                deadline = time.perf_counter_ns() + SPIN_NS
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         while True:
@@ -405,6 +424,7 @@ class Engine:
         if node.nlookup <= 0 and node.id != P.ROOT_ID:
             del self._nodes[node.id]
             self._dirs.pop(node.id, None)
+            self._tails.pop(node.id, None)
             if node.parent and self._names.get((node.parent, node.name)) is node:
                 del self._names[(node.parent, node.name)]
 
@@ -626,6 +646,8 @@ class Engine:
                 raise
         backing = self._backing(node, fh)
         node.fhs.append(fh)
+        if node.filled and keep:
+            self._read_ahead(node)
         if backing:
             return P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH, backing)
         if self.passthrough and self.fs.linked(fh):
@@ -655,6 +677,55 @@ class Engine:
         except OSError:
             return  # e.g. ENOENT: the kernel forgot the inode; its READs will come instead
         node.filled = True
+
+    def _read_ahead(self, node: _Node) -> None:
+        """Directory read-ahead: when small lower files are opened in their directory's listing
+        order (`find | xargs cat`, `tar c`, `cp -r`, a compiler over a source tree), prefill the
+        next ones while the loop would otherwise wait for the reader's next request, so that
+        their opens find their content stored and are answered at once. Pipelined: the reader
+        reads and closes one file while the daemon decompresses the next. Like the kernel's
+        readahead, it starts only once the order is seen (two files in a row), and its window
+        doubles up to AHEAD_FILES; any other open order stops it. Opens of files not in order
+        (a container's start: its libraries) are never followed by a prefill of their
+        neighbours. Measured in docs/ARCHITECTURE.md, "Directory read-ahead"."""
+        prev = self._nodes.get(self._last_open)
+        self._last_open = node.id
+        if prev is None or prev.after != node.id:
+            self._window = 0
+            self._ahead.clear()
+            return
+        self._window = min(2 * self._window or 2, AHEAD_FILES)
+        ahead = []
+        nid = node.after
+        for _ in range(self._window):
+            nxt = self._nodes.get(nid)
+            if nxt is None:
+                break
+            if not nxt.filled:
+                ahead.append(nid)
+            nid = nxt.after
+        self._ahead = ahead
+
+    def _fetch_ahead(self, nid: int) -> None:
+        """Prefill node `nid` as its first open would (_prefill), between two requests. Any
+        failure leaves it as it was: damage is then EIO at the file's own open."""
+        node = self._nodes.get(nid)
+        if node is None or node.filled or node.fhs:
+            return
+        path = self._path(nid)
+        if path is None:
+            return
+        try:
+            fh, keep = self.fs.open(path, os.O_RDONLY)
+        except (OSError, CowfsError):
+            return
+        try:
+            if keep:
+                self._prefill(node, fh)
+        except (OSError, CowfsError):
+            pass
+        finally:
+            self.fs.release(fh)
 
     def _backing(self, node: _Node, fh: int) -> int:
         """The passthrough backing id for a new handle `fh` of `node`, or 0 (see _Node)."""
@@ -752,6 +823,8 @@ class Engine:
         used = 0
         head = 128 if plus else 0
         pack = P.DIRENT.pack
+        if offset == 0:
+            self._tails.pop(nid, None)
         for i in range(offset, len(entries)):
             name, attrs = entries[i]
             raw = os.fsencode(name)
@@ -767,12 +840,23 @@ class Engine:
                     entry = bytes(128)  # the kernel looks up neither: no node
                 else:
                     entry = self._entry(nid, name, attrs)
+                    if (mode & _S_IFMT == 0o100000 and 0 < attrs["st_size"] <= PREFILL_MAX
+                            and attrs["st_nlink"] == 1):  # fmt: skip
+                        self._chain(nid, self._names[(nid, name)])
                 dirent = entry + dirent
             out.append(dirent + b"\0" * pad)
             used += rec + pad
         if not out:
             self._dirs.pop(nid, None)  # the end of the listing
+            self._tails.pop(nid, None)
         return b"".join(out)
+
+    def _chain(self, dir_id: int, node: _Node) -> None:
+        """Link `node` after the previous small file of its directory's listing (_read_ahead)."""
+        prev = self._nodes.get(self._tails.get(dir_id, 0))
+        if prev is not None and prev is not node:
+            prev.after = node.id
+        self._tails[dir_id] = node.id
 
     def _fsyncdir(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
         path = self._path(nid)
