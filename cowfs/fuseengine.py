@@ -303,6 +303,9 @@ class Engine:
                 self._waiting = False
                 try:
                     self._fetch_ahead(self._ahead.pop(0))
+                except Exception:  # a bug here must not end the loop: logged, as a handler's
+                    self._ahead.clear()
+                    fuse.log_failure("read-ahead")
                 finally:
                     self._waiting = True
                 if self._stop:

@@ -12,6 +12,7 @@ import os
 
 from cowfs import fastjson
 from cowfs.errors import CowfsError
+from cowfs.mounting import is_mounted
 from runtime import background
 
 TYPE_CHECKING = False  # annotations only: `typing` is not loaded on the start path
@@ -226,10 +227,3 @@ def _early_daemon(root: str, ref: str, link: _socket.socket) -> None:
     mounting.mount(store, order["ref"], order["mountpoint"], upper=order["upper"],
                    work=order["work"], read_only=order["read_only"], volatile=order["volatile"],
                    foreground=True)  # fmt: skip
-
-
-
-def is_mounted(path: str | os.PathLike) -> bool:
-    path = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4].replace("\\040", " ") == path for line in f)
