@@ -532,8 +532,21 @@ class UnionFS:
         self._need_dir(path)
         out = [(".", self.getattr(path)), ("..", self.getattr(_parent_name(path)[0]))]
         prefix = path + "/" if path else ""
-        for name, _ in self._listdir(path):
-            out.append((name, self.getattr(prefix + name)))
+        entries, inos, detached = self.idx.entries, self.idx.ino, self._detached
+        for name, in_upper in self._listdir(path):
+            child = prefix + name
+            if in_upper or child in detached:
+                out.append((name, self.getattr(child)))
+                continue
+            # A lower child of the listing is visible by construction (_listdir): its
+            # attributes straight from the index, without getattr's lookup of the path again
+            # (a READDIRPLUS of a big directory spent most of its time there).
+            e, ino = entries[child], inos[child]
+            if e.kind == DIR:
+                nlink = self._dir_nlink(child, False)
+            else:
+                nlink = self._lower_nlink(child, ino)
+            out.append((name, _attr_of_entry(e, ino, nlink)))
         return out
 
     @_locked
