@@ -505,13 +505,7 @@ class UnionFS:
             return self.fgetattr(self._detached[path][0])
         in_upper, kind = self._need(path)
         if not in_upper:
-            e = self.idx.entries[path]
-            ino = self.idx.ino[path]
-            if kind == DIR:
-                nlink = self._dir_nlink(path, False)
-            else:
-                nlink = self._lower_nlink(path, ino)
-            return _attr_of_entry(e, ino, nlink)
+            return self._lower_attr(path)
         assert self.upper is not None
         st = self.upper.lstat(path)
         ino = self._ino_of(path, True, st)
@@ -532,22 +526,23 @@ class UnionFS:
         self._need_dir(path)
         out = [(".", self.getattr(path)), ("..", self.getattr(_parent_name(path)[0]))]
         prefix = path + "/" if path else ""
-        entries, inos, detached = self.idx.entries, self.idx.ino, self._detached
+        detached = self._detached
         for name, in_upper in self._listdir(path):
             child = prefix + name
+            # A lower child of the listing is visible by construction (_listdir): no need for
+            # getattr's lookup of its path again (most of a big directory's READDIRPLUS).
             if in_upper or child in detached:
                 out.append((name, self.getattr(child)))
-                continue
-            # A lower child of the listing is visible by construction (_listdir): its
-            # attributes straight from the index, without getattr's lookup of the path again
-            # (a READDIRPLUS of a big directory spent most of its time there).
-            e, ino = entries[child], inos[child]
-            if e.kind == DIR:
-                nlink = self._dir_nlink(child, False)
             else:
-                nlink = self._lower_nlink(child, ino)
-            out.append((name, _attr_of_entry(e, ino, nlink)))
+                out.append((name, self._lower_attr(child)))
         return out
+
+    def _lower_attr(self, path: str) -> dict[str, int]:
+        """The attributes of the visible lower entry at `path`."""
+        e = self.idx.entries[path]
+        ino = self.idx.ino[path]
+        nlink = self._dir_nlink(path, False) if e.kind == DIR else self._lower_nlink(path, ino)
+        return _attr_of_entry(e, ino, nlink)
 
     @_locked
     def readlink(self, path: str) -> str:
