@@ -226,11 +226,23 @@ def _probe_options(s: System, ctx: Context) -> str:
             if view.path == ctx.ds.tree:
                 fs = machine.filesystem_of(view.path)
                 return f"{fs['fstype']} {fs['options']}"
-            return mount_options(view.path)
+            return mount_options(view.path) + _granted(view.path)
         finally:
             release(view)
     finally:
         _remove_run_dir(run_dir)
+
+
+def _granted(mnt: Path) -> str:
+    """What the kernel granted a cowfs daemon at INIT, as it recorded it (not shown in
+    /proc/mounts); nothing for other systems."""
+    from cowfs import mounting
+
+    info = mounting.daemon_info(mnt)
+    granted = [k for k in ("passthrough", "writeback") if isinstance(info.get(k), bool)]
+    if not granted:
+        return ""
+    return "; FUSE INIT granted: " + ", ".join(f"{k}={info[k]}" for k in granted)
 
 
 def _remove_run_dir(run_dir: Path) -> None:

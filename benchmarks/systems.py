@@ -391,9 +391,8 @@ def cowfs_fuse_options() -> str:
         engine = fuse.engine(threads is True)
     except (ImportError, AttributeError, KeyError) as exc:
         return f"(FUSE settings unknown: {exc})"
-    passthrough = ""
-    if engine == "native" and os.environ.get("COWFS_PASSTHROUGH", "1") != "0" and os.geteuid() == 0:
-        passthrough = "passthrough for upper files, "
+    # Whether the kernel granted passthrough is what the daemon recorded: the options column.
+    passthrough = "passthrough for upper files if granted, " if engine == "native" else ""
     return (
         f"FUSE settings from cowfs/fuse.py: {engine} engine, entry/attr/negative timeouts "
         f"{timeout}, use_ino, keep_cache on lower files, readdirplus, 1 MiB readahead; "

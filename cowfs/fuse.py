@@ -86,12 +86,14 @@ def serve(
     writeback: bool = False,
     allow_other: bool | None = None,
     debug: bool = False,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[dict[str, bool]], None] | None = None,
 ) -> None:
     """Mount `fs` at `mountpoint` and serve it until unmounted (runs in the calling process).
 
     The engine is `engine(threads)`; `threads` applies to libfuse only. Each engine is
-    imported here, when chosen: mfusepy alone costs ~15 ms of a daemon's start.
+    imported here, when chosen: mfusepy alone costs ~15 ms of a daemon's start. `on_ready` is
+    called once the mount is live, with what the kernel granted at INIT ("passthrough",
+    "writeback": bools).
     """
     if engine(threads) == "native":
         from cowfs import fuseengine

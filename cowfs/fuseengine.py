@@ -153,7 +153,7 @@ class Engine:
         writeback: bool = False,
         passthrough: bool = True,
         debug: bool = False,
-        on_ready: Callable[[], None] | None = None,
+        on_ready: Callable[[dict[str, bool]], None] | None = None,
     ) -> None:
         self.fs = fs
         self.fd = fd
@@ -484,7 +484,7 @@ class Engine:
         # In parallel with the loop, which must be free to answer the stat in raise_readahead.
         raise_readahead(self.mountpoint)
         if self.on_ready is not None:
-            self.on_ready()
+            self.on_ready({"passthrough": self.passthrough, "writeback": self.writeback})
 
     def _destroy(self, nid: int, uid: int, gid: int, body: memoryview) -> bytes:
         self._stop = True
@@ -919,7 +919,7 @@ class Engine:
 
 def serve(fs: UnionFS, mountpoint: str, *, fsname: str = "cowfs", read_only: bool = False,
           writeback: bool = False, allow_other: bool | None = None, debug: bool = False,
-          on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+          on_ready: Callable[[dict[str, bool]], None] | None = None) -> None:  # fmt: skip
     """Mount `fs` at `mountpoint` and serve it until unmounted (runs in the calling thread)."""
     if allow_other is None:
         allow_other = os.geteuid() == 0

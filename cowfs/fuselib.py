@@ -164,7 +164,7 @@ class Operations(mfusepy.Operations):
     use_ns = True
 
     def __init__(self, fs: UnionFS, *, writeback: bool = False,
-                 on_ready: Callable[[], None] | None = None,
+                 on_ready: Callable[[dict[str, bool]], None] | None = None,
                  mountpoint: str | None = None) -> None:  # fmt: skip
         self.fs = fs
         self.mountpoint = mountpoint  # its real path, for raise_readahead
@@ -190,11 +190,13 @@ class Operations(mfusepy.Operations):
             config.entry_timeout = CACHE_TIMEOUT
             config.attr_timeout = CACHE_TIMEOUT
             config.negative_timeout = CACHE_TIMEOUT
-        if conn is not None and self.writeback and conn.capable & FUSE_CAP_WRITEBACK_CACHE:
+        writeback = bool(conn is not None and self.writeback
+                         and conn.capable & FUSE_CAP_WRITEBACK_CACHE)  # fmt: skip
+        if writeback:
             conn.want |= FUSE_CAP_WRITEBACK_CACHE
         if self.on_ready is not None:
             # INIT arrives once the mount exists: from here on the mount is live.
-            self.on_ready()
+            self.on_ready({"passthrough": False, "writeback": writeback})
 
     def destroy(self, path: str) -> None:
         self._queue.put(None)
@@ -361,7 +363,7 @@ def serve(
     writeback: bool = False,
     allow_other: bool | None = None,
     debug: bool = False,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[dict[str, bool]], None] | None = None,
 ) -> None:
     """Mount `fs` at `mountpoint` and serve it with mfusepy until unmounted."""
     if allow_other is None:

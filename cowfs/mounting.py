@@ -210,11 +210,11 @@ def _daemon_main(spec: dict[str, Any], errors: list[str] | None = None) -> int:
 
     live = False
 
-    def ready() -> None:
+    def ready(granted: dict[str, bool]) -> None:
         nonlocal ready_fd, live
         live = True
-        with open(pidfile, "w") as f:
-            f.write(fastjson.dumps({"pid": os.getpid()}))
+        with open(pidfile, "w") as f:  # daemon_info() reads it
+            f.write(fastjson.dumps({"pid": os.getpid(), **granted}))
         if ready_fd >= 0:
             os.write(ready_fd, b"ready")
             os.close(ready_fd)
@@ -343,6 +343,17 @@ def is_mounted(mountpoint: str | os.PathLike) -> bool:
     return False
 
 
+def daemon_info(mountpoint: str | os.PathLike) -> dict[str, Any]:
+    """What the daemon serving `mountpoint` recorded once its mount was live: its "pid", and
+    what the kernel granted it at INIT ("passthrough", "writeback"); {} if nothing is known."""
+    try:
+        with open(_pidfile(os.path.abspath(mountpoint)), "rb") as f:
+            info = fastjson.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def umount(mountpoint: str | os.PathLike, *, lazy: bool = False, pid: int | None = None) -> None:
     """Flush the mount, unmount it and wait until its daemon (`pid`, else the one its pid file
     names) has exited."""
@@ -350,11 +361,7 @@ def umount(mountpoint: str | os.PathLike, *, lazy: bool = False, pid: int | None
     if not is_mounted(mountpoint):
         raise NotFound(f"{mountpoint} is not mounted")
     if pid is None:
-        try:
-            with open(_pidfile(mountpoint), "rb") as f:
-                pid = fastjson.loads(f.read())["pid"]
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            pass
+        pid = daemon_info(mountpoint).get("pid")
     try:
         fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
         try:

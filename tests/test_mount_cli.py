@@ -66,6 +66,31 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
             mounting.umount(m, lazy=True)
 
 
+@pytest.mark.parametrize("passthrough", ["1", "0"])
+def test_the_daemon_records_what_the_kernel_granted(store_root: Path, image: str, mnt: Path,
+                                                    tmp_path: Path, passthrough: str,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    ) -> None:  # fmt: skip
+    """Once its mount is live the daemon records its pid and what INIT granted, which the
+    bench reports (it cannot be seen in /proc/mounts). As root on a kernel with FUSE
+    passthrough (>= 6.9, as here) the native engine gets it unless COWFS_PASSTHROUGH=0."""
+    monkeypatch.setenv("COWFS_FUSE_ENGINE", "native")
+    monkeypatch.setenv("COWFS_PASSTHROUGH", passthrough)
+    assert mounting.daemon_info(mnt) == {}
+    up, wk = tmp_path / "up", tmp_path / "wk"
+    up.mkdir()
+    wk.mkdir()
+    res = cowfs(store_root, "mount", image, str(mnt), "--upper", str(up), "--work", str(wk))
+    assert res.returncode == 0, res.stderr
+    info = mounting.daemon_info(mnt)
+    assert info == {"pid": info["pid"], "passthrough": passthrough == "1", "writeback": False}
+    with open(f"/proc/{info['pid']}/cmdline", "rb") as f:
+        assert b"cowfs" in f.read()
+    res = cowfs(store_root, "umount", str(mnt))
+    assert res.returncode == 0, res.stderr
+    assert mounting.daemon_info(mnt) == {}
+
+
 def test_cli_mount_of_an_image_with_upper_and_umount(store_root: Path, image: str, mnt: Path,
                                                      tmp_path: Path) -> None:  # fmt: skip
     up, wk = tmp_path / "up", tmp_path / "wk"
