@@ -18,6 +18,7 @@ from cowfs.hostdir import HostDir, start_writeback
 # container's first instruction (docs/ARCHITECTURE.md, "The start path").
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, Protocol
 
     from cowfs.toc import Entry
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
 
         def open(self, path: str, entry: Entry) -> Reader: ...
         def known(self, entry: Entry) -> bool: ...  # open() of it succeeded before: may be deferred
-        def copy_into(self, path: str, entry: Entry, fd: int) -> None: ...  # content at offset 0
+        # The content at offset 0; `writeback`: start writing each stretch to the disk.
+        def copy_into(self, path: str, entry: Entry, fd: int, writeback: bool) -> None: ...
+        # What a copy of `entry` could be repaired from after a host crash, or None.
+        def source_of(self, entry: Entry) -> str | None: ...
         def close(self) -> None: ...
 
 _COPY_CHUNK = 1 << 20
@@ -67,12 +71,15 @@ class DirLayer:
     def __init__(self, root: str | os.PathLike) -> None:
         self.dir = HostDir(root)
 
-    def copy_into(self, path: str, entry: Entry, fd: int) -> None:
+    def copy_into(self, path: str, entry: Entry, fd: int, writeback: bool) -> None:
         src = self.dir.open(path, os.O_RDONLY)
         try:
-            copy_fd(src, fd, entry.size)
+            copy_fd(src, fd, entry.size, writeback)
         finally:
             os.close(src)
+
+    def source_of(self, entry: Entry) -> str | None:
+        return None  # a host file may change: its copies are synced before they are renamed
 
     def open(self, path: str, entry: Entry) -> Reader:
         return _FdReader(self.dir.open(path, os.O_RDONLY))
@@ -96,10 +103,22 @@ class StoredLayer:
     def known(self, entry: Entry) -> bool:
         return not entry.digest or (entry.digest, entry.size) in self._sized
 
-    def copy_into(self, path: str, entry: Entry, fd: int) -> None:
+    def copy_into(self, path: str, entry: Entry, fd: int, writeback: bool) -> None:
         if entry.digest:
             with self._object(path, entry) as reader:
-                reader.copy_into(fd, lambda offset, length: start_writeback(fd, offset, length))
+                reader.copy_into(fd, _writeback(fd) if writeback else None)
+
+    def source_of(self, entry: Entry) -> str | None:
+        return entry.digest or None
+
+    def restore_holes(self, digest: str, fd: int) -> int:
+        """ObjectReader.restore_holes of object `digest` into `fd` (cowfs/settling.py)."""
+        try:
+            reader = self.objects.open(digest)
+        except NotFound as exc:
+            raise Corruption(exc.message) from None
+        with reader:
+            return reader.restore_holes(fd)
 
     def open(self, path: str, entry: Entry) -> Reader:
         if not entry.digest:
@@ -108,7 +127,7 @@ class StoredLayer:
 
     def _object(self, path: str, entry: Entry) -> Any:
         try:
-            reader = self.objects.open(entry.digest)
+            reader = self.objects.open(entry.digest, entry.size)
         except NotFound as exc:  # the TOC names it, so a missing object is damage: EIO
             raise Corruption(exc.message) from None
         # The TOC is checksummed; the object's seek table is not as a whole. A size that
@@ -124,8 +143,13 @@ class StoredLayer:
         pass
 
 
-def copy_fd(src: int, dst: int, size: int) -> None:
-    """Copy a host file keeping its holes: data extents only, in-kernel where possible."""
+def _writeback(fd: int) -> Callable[[int, int], None]:
+    return lambda offset, length: start_writeback(fd, offset, length)
+
+
+def copy_fd(src: int, dst: int, size: int, writeback: bool = True) -> None:
+    """Copy a host file keeping its holes: data extents only, in-kernel where possible;
+    `writeback`: start writing each stretch to the disk behind the copy."""
     off = 0
     while off < size:
         try:
@@ -143,7 +167,7 @@ def copy_fd(src: int, dst: int, size: int) -> None:
             n = _copy_range(src, dst, min(hole - pos, _WRITEBACK_STEP), pos)
             if n <= 0:
                 return
-            if pos + n < size:
+            if writeback and pos + n < size:
                 start_writeback(dst, pos, n)
             pos += n
         off = hole

@@ -14,7 +14,9 @@ non-directory, or an opaque directory). Everything the mount changes goes throug
 
 Copy-up. The first change of any kind to a lower entry copies it into the upper: parents first,
 built in the work directory (content with holes kept, owner, mode, xattrs, times) and renamed
-into place, so a crash never leaves a half-copied file visible. A lower hard-link group is copied
+into place, so a crash never leaves a half-copied file visible. A copy of an image's file is
+synced after its rename, not before (cowfs/settling.py: marked first, repaired after a host
+crash); a copy from a plain-directory lower is synced before it. A lower hard-link group is copied
 as one inode: every visible alias is linked to the copy before the copies are renamed in.
 
 Inode numbers. Lower entries take the index's numbers (stable for the same image); the copy-up
@@ -42,6 +44,7 @@ from cowfs.errors import CowfsError
 from cowfs.hostdir import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, link, move
 from cowfs.index import ROOT_INO, MergedIndex
 from cowfs.record import SlotsRecord, record
+from cowfs.settling import MARK_PREFIX, PENDING_XATTR, Settler, boot_id
 from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, kind_of_mode
 
 # Annotations only: typing, contextlib and threading are not loaded on a daemon's way to a
@@ -218,6 +221,9 @@ class UnionFS:
         self._detached: dict[str, list[int]] = {}  # hidden name -> open handles
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
+        # Copies synced after their rename (cowfs/settling.py); the work dir's mark of them.
+        self._settler = Settler(self._settle_failed)
+        self._mark: str | None = None
         if self.work is not None:
             try:
                 self.work.lstat(VOLATILE_MARK)
@@ -232,6 +238,7 @@ class UnionFS:
             self._scan_upper()
         if self.work is not None:
             self._clean_work()
+            self._recover()
             if self.volatile:
                 self.work.mkdir(VOLATILE_MARK, 0o700)
 
@@ -239,9 +246,13 @@ class UnionFS:
         for h in list(self._handles.values()):
             self._close_handle(h)
         self._handles.clear()
+        self.syncfs()  # umount returns with the changes on disk (every copy settled first)
         for layer in self.layers:
             layer.close()
-        self.syncfs()  # umount returns with the changes on disk
+        if self._mark is not None:
+            assert self.work is not None
+            self.work.rmdir(self._mark)  # after the marks it stands for, as the journal keeps it
+            self._mark = None
         if self.volatile and self.work is not None:
             self.work.rmdir(VOLATILE_MARK)  # a clean end: the upper is whole
         for d in (self.upper, self.work):
@@ -757,12 +768,17 @@ class UnionFS:
 
     def syncfs(self) -> None:
         """The upper's filesystem to disk (syncfs(2)), unless there is none or it is volatile."""
+        self._settler.settle_all()
         if self.upper is not None and not self.read_only and not self.volatile:
             self.upper.syncfs()
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
         if h.fd >= 0 and not self.volatile:
+            if self._settler.waiting:
+                # Its copy's mark goes first: a repair after a crash must not touch what an
+                # fsync has put on the disk. This fsync then commits the mark's removal.
+                self._settler.settle(os.fstat(h.fd).st_ino)
             (os.fdatasync if datasync else os.fsync)(h.fd)
 
     @_locked
@@ -1260,7 +1276,7 @@ class UnionFS:
             self._copy_up_dir(_parent_name(p)[0])
         assert self.upper is not None and self.work is not None
         tmp = self._tmpname()
-        self._build_copy(tmp, path, e, ino, data)
+        settle = self._build_copy(tmp, path, e, ino, data)
         tmps = [tmp]
         try:
             for _ in aliases[1:]:
@@ -1278,30 +1294,44 @@ class UnionFS:
             if len(aliases) > 1:
                 self._add_links(aliases, self.upper.lstat(path).st_ino)
         except BaseException:
+            if settle >= 0:
+                os.close(settle)
             for t in tmps:
                 self._remove_work_tree(t)
             raise
+        if settle >= 0:
+            self._settler.add(os.fstat(settle).st_ino, settle)
 
-    def _build_copy(self, tmp: str, path: str, e: Entry, ino: int, data: bool) -> None:
-        """Build the copy of lower entry `e` as `tmp` in the work dir, metadata last."""
+    def _build_copy(self, tmp: str, path: str, e: Entry, ino: int, data: bool) -> int:
+        """Build the copy of lower entry `e` as `tmp` in the work dir, metadata last; return
+        the fd of a copy to settle after its rename (cowfs/settling.py), else -1."""
         assert self.work is not None
         w = self.work
+        settle = -1
         try:
             if e.kind == REG:
                 # Read and write: a raw object's copy is verified where it was written.
                 fd = w.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     if data and e.size:
+                        layer = self.layers[self.idx.layer[path]]
+                        source = None if self.volatile else layer.source_of(e)
                         # The size first: zero frames that are not written stay holes, and
                         # no truncate has to wait for a page that is being written back.
                         os.ftruncate(fd, e.size)
-                        self.layers[self.idx.layer[path]].copy_into(path, e, fd)
-                        # As overlayfs does: the copy is on disk before the rename makes it
-                        # hide the lower file, so a host crash cannot leave an empty file there.
-                        if not self.volatile:
+                        layer.copy_into(path, e, fd, not self.volatile and source is None)
+                        if source is not None:
+                            # Marked, and synced after the rename: cowfs/settling.py.
+                            self._ensure_mark()
+                            os.setxattr(fd, PENDING_XATTR, source.encode())
+                            settle, fd = fd, -1
+                        elif not self.volatile:
+                            # As overlayfs does: the copy is on disk before the rename makes
+                            # it hide the lower file, so a host crash cannot leave holes there.
                             os.fdatasync(fd)
                 finally:
-                    os.close(fd)
+                    if fd >= 0:
+                        os.close(fd)
             elif e.kind == DIR:
                 w.mkdir(tmp, 0o700)
             elif e.kind == SYMLINK:
@@ -1317,8 +1347,63 @@ class UnionFS:
             w.setxattr(tmp, ORIGIN_XATTR, str(ino).encode())
             w.utime(tmp, (e.atime, e.mtime))
         except BaseException:
+            if settle >= 0:
+                os.close(settle)
             self._remove_work_tree(tmp)
             raise
+        return settle
+
+    # -- settling copies after a crash (cowfs/settling.py) --------------------------------------
+
+    def _ensure_mark(self) -> None:
+        """The work dir's mark that copies may be waiting for their sync: made before the first
+        copy's own mark and rename, so the journal has it on the disk no later than those."""
+        if self._mark is None:
+            assert self.work is not None
+            mark = MARK_PREFIX + boot_id()
+            try:
+                self.work.mkdir(mark, 0o700)
+            except FileExistsError:
+                pass
+            self._mark = mark
+
+    def _settle_failed(self, ino: int, exc: OSError) -> None:
+        # The copy keeps its mark: a mount after a host crash repairs it from its object.
+        os.write(2, f"cowfs: a copy-up (host inode {ino}) could not be synced: {exc}\n".encode())
+
+    def _recover(self) -> None:
+        """Settle the copies a mount that did not end cleanly left marked; after a host crash,
+        fill their holes from their objects first (see cowfs/settling.py)."""
+        assert self.work is not None and self.upper is not None
+        marks = [n for n in self.work.listdir("") if n.startswith(MARK_PREFIX)]
+        if not marks:
+            return
+        host_crashed = marks != [MARK_PREFIX + boot_id()]
+        repairers = [layer for layer in self.layers if hasattr(layer, "restore_holes")]
+        for path, kind in list(self._up.items()):
+            if kind != REG:
+                continue
+            try:
+                source = self.upper.getxattr(path, PENDING_XATTR).decode()
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                continue
+            fd = self.upper.open(path, os.O_RDWR)
+            try:
+                if host_crashed:
+                    if not repairers:
+                        raise CowfsError(f"/{path}: a copy-up cut short by a crash, and no "
+                                         f"layer of this mount has object {source} to repair "
+                                         f"it from", errno=errno.EIO)  # fmt: skip
+                    repairers[0].restore_holes(source, fd)
+                os.fdatasync(fd)
+                os.removexattr(fd, PENDING_XATTR)
+            finally:
+                os.close(fd)
+        self.upper.syncfs()
+        for mark in marks:
+            self.work.rmdir(mark)
 
     def _copy_up_tree(self, path: str) -> None:
         """Copy a directory and everything visible below it into the upper (for rename)."""

@@ -316,3 +316,19 @@ def test_long_streams_judged_on_their_head(store: ObjectStore, head: str, tail: 
     with store.open(d) as r:
         assert r.pread(100, 9 * FRAME_SIZE - 50) == data[9 * FRAME_SIZE - 50 : 9 * FRAME_SIZE + 50]
     assert os.listdir(store.tmp) == []
+
+
+def test_a_big_content_is_looked_for_loose_first_and_found_packed_too(store: ObjectStore) -> None:
+    """open(digest, size) of content past PACK_MAX_OBJECT tries the loose file first (no pack
+    index read); a compressible one that is packed after all is still found."""
+    packed = text(8 * FRAME_SIZE)  # 1 MiB of text: stored in far fewer than PACK_MAX_OBJECT
+    assert len(packed) > objects.PACK_MAX_OBJECT
+    (d_packed,) = _pack(store, [packed])
+    loose = os.urandom(3 * FRAME_SIZE)
+    d_loose = store.put_bytes(loose)
+    fresh = ObjectStore(store.root, store.tmp)  # no pack index read yet
+    with fresh.open(d_loose, len(loose)) as r:
+        assert r.pread(len(loose), 0) == loose
+    assert fresh._raw is None and fresh._loc is None  # found without reading any pack index
+    with fresh.open(d_packed, len(packed)) as r:
+        assert r.pread(len(packed), 0) == packed

@@ -170,6 +170,13 @@ def commit(obj: dict, refs: tuple[str, ...], upper: str | None, image_ref: str |
             raise InvalidInput("give CONTAINER NAME[:TAG], or --upper DIR --image BASE NAME[:TAG]")
         image_id, upper = _container(store, refs[0])
         base, tag, from_container = image_ref or image_id, refs[1], True
+        from cowfs.settling import cut_short
+
+        mark = cut_short(os.path.join(os.path.dirname(upper), "work"))
+        if mark is not None:
+            raise InvalidInput(f"container {refs[0]}: its mount was cut short by a host crash "
+                               f"and may hold copy-ups with holes: start it once (its mount "
+                               f"repairs them), then commit")  # fmt: skip
     config: dict[str, Any] = {}
     for text in changes:
         apply_changes(config, parse_change(text))
