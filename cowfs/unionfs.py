@@ -246,7 +246,8 @@ class UnionFS:
         for h in list(self._handles.values()):
             self._close_handle(h)
         self._handles.clear()
-        self.syncfs()  # umount returns with the changes on disk (every copy settled first)
+        self._settler.close()  # every copy settled, its thread ended
+        self.syncfs()  # umount returns with the changes on disk
         for layer in self.layers:
             layer.close()
         if self._mark is not None:
