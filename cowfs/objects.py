@@ -1018,12 +1018,9 @@ class ObjectStore:
         if not _is_digest(digest):
             raise NotFound(f"not an object digest: {digest!r}")
         if size > _LOOSE_FIRST:
-            try:
-                fd = os.open(self._path_s(digest), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                pass
-            else:
-                return ObjectReader(digest, fd, self.cache)
+            reader = self._open_loose(digest)
+            if reader is not None:
+                return reader
         for attempt in (0, 1):
             loc = self._packed(digest)
             if loc is not None:
@@ -1032,15 +1029,19 @@ class ObjectStore:
                 except FileNotFoundError:
                     pass  # its pack was repacked away: the refreshed index knows where it went
             else:
-                try:
-                    fd = os.open(self._path_s(digest), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    pass
-                else:
-                    return ObjectReader(digest, fd, self.cache)
+                reader = self._open_loose(digest)
+                if reader is not None:
+                    return reader
             if attempt == 0:
                 self.refresh()  # published by another process since the index was loaded?
         raise NotFound(f"object {digest} is missing")
+
+    def _open_loose(self, digest: str) -> ObjectReader | None:
+        try:
+            fd = os.open(self._path_s(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        return ObjectReader(digest, fd, self.cache)
 
     def _open_packed(self, digest: str, name: str, off: int, length: int) -> ObjectReader:
         blob = os.pread(self._pack_fd(name), length, off)
