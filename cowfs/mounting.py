@@ -347,7 +347,7 @@ def daemon_info(mountpoint: str | os.PathLike) -> dict[str, Any]:
     """What the daemon serving `mountpoint` recorded once its mount was live: its "pid", and
     what the kernel granted it at INIT ("passthrough", "writeback"); {} if nothing is known."""
     try:
-        with open(_pidfile(os.path.abspath(mountpoint)), "rb") as f:
+        with open(_pidfile(os.fspath(mountpoint)), "rb") as f:  # _pidfile takes realpath
             info = fastjson.loads(f.read())
     except (FileNotFoundError, ValueError):
         return {}

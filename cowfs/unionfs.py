@@ -237,8 +237,9 @@ class UnionFS:
         if self.upper is not None:
             self._scan_upper()
         if self.work is not None:
-            self._clean_work()
-            self._recover()
+            names = self.work.listdir("")  # once: leftovers of a crash, marks of unsynced copies
+            self._clean_work(names)
+            self._recover([n for n in names if n.startswith(MARK_PREFIX)])
             if self.volatile:
                 self.work.mkdir(VOLATILE_MARK, 0o700)
 
@@ -1247,9 +1248,9 @@ class UnionFS:
     def _tmpname(self) -> str:
         return f"{_WORK_PREFIX}{os.getpid()}-{next(self._tmp)}"
 
-    def _clean_work(self) -> None:
+    def _clean_work(self, names: list[str]) -> None:
         assert self.work is not None
-        for name in self.work.listdir(""):
+        for name in names:
             if name.startswith(_WORK_PREFIX):
                 self._remove_work_tree(name)
 
@@ -1372,11 +1373,11 @@ class UnionFS:
         # The copy keeps its mark: a mount after a host crash repairs it from its object.
         os.write(2, f"cowfs: a copy-up (host inode {ino}) could not be synced: {exc}\n".encode())
 
-    def _recover(self) -> None:
-        """Settle the copies a mount that did not end cleanly left marked; after a host crash,
-        fill their holes from their objects first (see cowfs/settling.py)."""
+    def _recover(self, marks: list[str]) -> None:
+        """Settle the copies a mount that did not end cleanly left marked (`marks`: the work
+        dir's pending.* entries); after a host crash, fill their holes from their objects first
+        (see cowfs/settling.py)."""
         assert self.work is not None and self.upper is not None
-        marks = [n for n in self.work.listdir("") if n.startswith(MARK_PREFIX)]
         if not marks:
             return
         host_crashed = marks != [MARK_PREFIX + boot_id()]
