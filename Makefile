@@ -12,7 +12,7 @@ STAMPS := .make
 # Debian packages: fuse3 for the mount, the rest are peers and oracles used by tests,
 # benchmarks and the demo (never mocked); gcc and libc6-dev build the static escape probe of
 # tests/test_isolation.py.
-APT_PKGS := fuse3 libfuse3-3 python3 python3-venv skopeo umoci runc busybox-static \
+APT_PKGS := fuse3 libfuse3-3 python3 python3-venv skopeo umoci runc busybox-static e2fsprogs \
 	docker-registry fuse-overlayfs fio zstd attr debootstrap iproute2 procps util-linux psmisc \
 	openssl gcc libc6-dev
 

@@ -9,6 +9,7 @@ deeper than PATH_MAX inside a mount keep working. Only `parent()` knows about th
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 # Resolve at most this many bytes per call: comfortably below PATH_MAX (4096).
@@ -39,6 +40,25 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """sync_file_range(SYNC_FILE_RANGE_WRITE): queue a range's dirty pages for writing, without
     waiting. Only a head start for a later fdatasync, which reports any failure: ignored here."""
     _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+# copy_file_range(2) refuses these between two filesystems (EXDEV since Linux 5.19, unless both
+# are one driver that copies across them) or where the filesystem cannot do it.
+_NO_COPY_RANGE = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def copy_range(src: int, dst: int, count: int, pos: int) -> int:
+    """Copy up to `count` bytes at `pos` of file `src` to the same offset of file `dst`, in the
+    kernel; return how many were copied (0 at the end of `src`). From one filesystem to another
+    it takes sendfile(2), which splices between any two files but writes at `dst`'s own file
+    offset: `dst` is moved there first."""
+    try:
+        return os.copy_file_range(src, dst, count, pos, pos)
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_RANGE:
+            raise
+    os.lseek(dst, pos, os.SEEK_SET)
+    return os.sendfile(dst, src, pos, count)
 
 
 class _At:

@@ -12,7 +12,7 @@ import errno
 import os
 
 from cowfs.errors import Corruption, NotFound
-from cowfs.hostdir import HostDir, start_writeback
+from cowfs.hostdir import HostDir, copy_range, start_writeback
 
 # The interfaces are for type checkers only: `typing` is not loaded on a daemon's way to a
 # container's first instruction (docs/ARCHITECTURE.md, "The start path").
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
         def source_of(self, entry: Entry) -> str | None: ...
         def close(self) -> None: ...
 
-_COPY_CHUNK = 1 << 20
 # copy_fd copies at most this much per call and then starts writing it to the disk, so that the
 # copy's own reads and writes overlap and a following fdatasync waits for the last stretch only.
 _WRITEBACK_STEP = 8 << 20
@@ -164,7 +163,7 @@ def copy_fd(src: int, dst: int, size: int, writeback: bool = True) -> None:
             hole = size
         pos = data
         while pos < hole:
-            n = _copy_range(src, dst, min(hole - pos, _WRITEBACK_STEP), pos)
+            n = copy_range(src, dst, min(hole - pos, _WRITEBACK_STEP), pos)
             if n <= 0:
                 return
             if writeback and pos + n < size:
@@ -172,12 +171,3 @@ def copy_fd(src: int, dst: int, size: int, writeback: bool = True) -> None:
             pos += n
         off = hole
 
-
-def _copy_range(src: int, dst: int, count: int, pos: int) -> int:
-    try:
-        return os.copy_file_range(src, dst, count, pos, pos)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-    chunk = os.pread(src, min(count, _COPY_CHUNK), pos)
-    return os.pwrite(dst, chunk, pos) if chunk else 0

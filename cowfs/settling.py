@@ -24,6 +24,11 @@ cowfs marks the copy instead, and syncs it later:
    a copy's block that never reached the disk reads back as a hole; what the user wrote after
    the copy and what the copy did write are data, and stay.
 
+Step 1 needs a filesystem that keeps its metadata in order (`keeps_metadata_in_order`). On one
+that does not (ext4 without a journal, ext2, vfat, a network or FUSE filesystem), a copy's mark
+could reach the disk after its rename, so there copies are synced before their rename, as
+overlayfs does.
+
 What a crash can lose is what it may lose anywhere: writes that were never fsynced (a hole the
 user punched into a copy within that second is filled again). What it cannot do any more is
 hide a lower file behind a copy of holes.
@@ -49,6 +54,36 @@ MAX_WAITING = 256
 def boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
+
+
+# Filesystems whose metadata reaches the disk in the order it was made (a journal, or copy on
+# write), and those whose content does not outlive the host anyway.
+_ORDERED = {"xfs", "btrfs", "tmpfs", "ramfs"}
+
+
+def keeps_metadata_in_order(fd: int) -> bool:
+    """Whether the filesystem of `fd` puts a metadata change on the disk no later than the
+    ones made after it, so that a mark set before a rename survives whenever the rename does.
+
+    ext4 does so only with its journal: without one (as on some VM images) metadata blocks
+    are written back in any order. Anything not known to keep the order is taken not to."""
+    dev = os.fstat(fd).st_dev
+    where = f"{os.major(dev)}:{os.minor(dev)}"
+    fstype = ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == where:
+                fstype = fields[fields.index("-") + 1]
+                break
+    if fstype in ("ext4", "ext3"):  # ext3 is the ext4 driver too
+        try:  # the journal's thread, or "<none>"; the dir is named as the kernel names the disk
+            name = os.path.basename(os.readlink(f"/sys/dev/block/{where}"))
+            with open(f"/sys/fs/ext4/{name}/journal_task") as f:
+                return f.read().strip() not in ("", "<none>")
+        except OSError:
+            return False
+    return fstype in _ORDERED
 
 
 def cut_short(work: str) -> str | None:

@@ -44,7 +44,13 @@ from cowfs.errors import CowfsError
 from cowfs.hostdir import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, link, move
 from cowfs.index import ROOT_INO, MergedIndex
 from cowfs.record import SlotsRecord, record
-from cowfs.settling import MARK_PREFIX, PENDING_XATTR, Settler, boot_id
+from cowfs.settling import (
+    MARK_PREFIX,
+    PENDING_XATTR,
+    Settler,
+    boot_id,
+    keeps_metadata_in_order,
+)
 from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, kind_of_mode
 
 # Annotations only: typing, contextlib and threading are not loaded on a daemon's way to a
@@ -224,6 +230,10 @@ class UnionFS:
         # Copies synced after their rename (cowfs/settling.py); the work dir's mark of them.
         self._settler = Settler(self._settle_failed)
         self._mark: str | None = None
+        # Marks ride the upper's journal; without one, copies are synced before their rename.
+        self._marks_hold = (
+            self.work is not None and not self.volatile and keeps_metadata_in_order(self.work.fd)
+        )
         if self.work is not None:
             try:
                 self.work.lstat(VOLATILE_MARK)
@@ -1317,7 +1327,7 @@ class UnionFS:
                 try:
                     if data and e.size:
                         layer = self.layers[self.idx.layer[path]]
-                        source = None if self.volatile else layer.source_of(e)
+                        source = layer.source_of(e) if self._marks_hold else None
                         # The size first: zero frames that are not written stay holes, and
                         # no truncate has to wait for a page that is being written back.
                         os.ftruncate(fd, e.size)

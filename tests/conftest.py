@@ -145,3 +145,25 @@ def unmount_or_kill(mnt: Path, pid: int) -> None:
             pidfile.unlink()
     except (OSError, ValueError):
         pass
+
+
+@contextlib.contextmanager
+def ext4_mounted(base: Path, *, journal: bool, mib: int = 64) -> Iterator[Path]:
+    """A fresh ext4 filesystem of `mib` MiB, with or without its journal, loop-mounted at
+    base/fs for the test (an image file under base); unmounted on the way out."""
+    need_root()
+    need_tool("mkfs.ext4", "losetup")
+    need(os.path.exists("/dev/loop-control"), "needs loop devices")
+    image, mnt = base / "ext4.img", base / "fs"
+    mnt.mkdir(parents=True)
+    with open(image, "wb") as f:
+        f.truncate(mib << 20)
+    features = [] if journal else ["-O", "^has_journal"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", *features, str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        for inner in sorted(_mounted_under(mnt), key=len, reverse=True)[:-1]:  # a failed test's
+            subprocess.run(["fusermount3", "-u", "-z", inner], capture_output=True)
+        subprocess.run(["umount", str(mnt)], check=True)  # the loop device goes with it

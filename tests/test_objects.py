@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from cowfs import objects
 from cowfs.errors import Corruption, NotFound
 from cowfs.objects import FRAME_SIZE, ObjectStore, digest_bytes
 
-from .conftest import need_tool
+from .conftest import need_root, need_tool
 
 
 @pytest.fixture
@@ -86,15 +88,33 @@ def test_flipped_byte_is_corruption_not_wrong_bytes(store: ObjectStore, kind: st
         fresh.verify(d)
 
 
+@contextlib.contextmanager
+def target_dir(tmp_path: Path, where: str) -> Iterator[Path]:
+    """Where a copy goes: beside the store, or on a tmpfs of its own (another filesystem, which
+    copy_file_range refuses to copy to)."""
+    if where == "same-fs":
+        yield tmp_path
+        return
+    need_root()
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other)], check=True)
+    try:
+        yield other
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+
+
 @pytest.mark.parametrize("kind", ["text", "random"])
 @pytest.mark.parametrize("read", [objects._COPY_READ, 3 * FRAME_SIZE], ids=["big", "batched"])
 @pytest.mark.parametrize("sized", [False, True], ids=["empty", "sized"])
+@pytest.mark.parametrize("where", ["same-fs", "other-fs"])
 def test_copy_into_writes_verified_bytes_and_keeps_zero_frames_as_holes(
-    store: ObjectStore, tmp_path: Path, kind: str, read: int, sized: bool,
+    store: ObjectStore, tmp_path: Path, kind: str, read: int, sized: bool, where: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """`sized`: the target has its size already, as a copy-up's has (a raw object's copy is
-    then verified in the target)."""
+    then verified in the target). `where`: the target is on the store's filesystem or not."""
     monkeypatch.setattr(objects, "_COPY_READ", read)  # several reads, several writes
     monkeypatch.setattr(objects, "_COPY_STEP", read)
 
@@ -106,18 +126,18 @@ def test_copy_into_writes_verified_bytes_and_keeps_zero_frames_as_holes(
     data += body(1000)
     d = store.put_bytes(data)
     assert store.stored_size(d) < len(data) if kind == "text" else store.stored_size(d) > len(data)
-    out = tmp_path / "copy"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if sized:
+    with target_dir(tmp_path, where) as target:
+        fd = os.open(target / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if sized:
+                os.ftruncate(fd, len(data))
+            with store.open(d) as r:
+                r.copy_into(fd)
             os.ftruncate(fd, len(data))
-        with store.open(d) as r:
-            r.copy_into(fd)
-        os.ftruncate(fd, len(data))
-        assert os.pread(fd, len(data) + 1, 0) == data
-        assert os.lseek(fd, FRAME_SIZE, os.SEEK_HOLE) == FRAME_SIZE  # the zero frame: a hole
-    finally:
-        os.close(fd)
+            assert os.pread(fd, len(data) + 1, 0) == data
+            assert os.lseek(fd, FRAME_SIZE, os.SEEK_HOLE) == FRAME_SIZE  # the zero frame: a hole
+        finally:
+            os.close(fd)
 
 
 @pytest.mark.parametrize("kind", ["text", "random"])

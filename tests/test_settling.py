@@ -14,7 +14,9 @@ import ctypes
 import os
 import random
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,15 @@ from cowfs import mounting
 from cowfs.errors import CowfsError
 from cowfs.objects import FRAME_SIZE
 from cowfs.rootfs import import_rootfs
-from cowfs.settling import MARK_PREFIX, PENDING_XATTR, Settler, boot_id
+from cowfs.settling import (
+    MARK_PREFIX,
+    PENDING_XATTR,
+    Settler,
+    boot_id,
+    keeps_metadata_in_order,
+)
 from cowfs.store import Store
-from tests.conftest import cowfs_mounted, need_fuse, need_root, unmount_or_kill
+from tests.conftest import cowfs_mounted, ext4_mounted, need_fuse, need_root, unmount_or_kill
 
 MiB = 1 << 20
 BIG = 3 * MiB + 12345
@@ -72,6 +80,13 @@ def image(tmp_path: Path) -> Store:
     return store
 
 
+@pytest.fixture
+def base(tmp_path: Path) -> Iterator[Path]:
+    """Where a test's upper and work dirs go: a journaled ext4, on which copies are marked."""
+    with ext4_mounted(tmp_path / "ext4", journal=True) as fs:
+        yield fs / "m"
+
+
 def pending(path: Path) -> bytes | None:
     try:
         return os.getxattr(path, PENDING_XATTR)
@@ -97,8 +112,7 @@ def wait_settled(path: Path) -> None:
 
 
 def test_a_copy_is_marked_then_settled_and_an_unmount_leaves_no_mark(
-        image: Store, tmp_path: Path) -> None:  # fmt: skip
-    base = tmp_path / "m"
+        image: Store, base: Path) -> None:  # fmt: skip
     with cowfs_mounted(image, "settle:1", base) as (mnt, _pid):
         append(mnt / "big.bin", b"!")
         copy = base / "upper" / "big.bin"
@@ -114,8 +128,7 @@ def test_a_copy_is_marked_then_settled_and_an_unmount_leaves_no_mark(
     assert (base / "upper" / "small.txt").read_bytes() == b"small\nmore\n"
 
 
-def test_an_fsync_returns_with_the_copy_settled(image: Store, tmp_path: Path) -> None:
-    base = tmp_path / "m"
+def test_an_fsync_returns_with_the_copy_settled(image: Store, base: Path) -> None:
     with cowfs_mounted(image, "settle:1", base) as (mnt, _pid):
         for name in ("big.bin", "text.txt"):
             fd = os.open(mnt / name, os.O_RDWR)  # the copy-up; its sync has just been queued
@@ -129,11 +142,11 @@ def test_an_fsync_returns_with_the_copy_settled(image: Store, tmp_path: Path) ->
         assert (mnt / "big.bin").read_bytes()[:12] == lower_big()[:5] + b"fsynced"
 
 
-def test_an_fsync_settles_a_copy_the_thread_has_not_got_to(image: Store, tmp_path: Path) -> None:
+def test_an_fsync_settles_a_copy_the_thread_has_not_got_to(image: Store, base: Path) -> None:
     """In process, with a settler whose thread never starts: the copy stays marked until the
     fsync, which must settle it before it returns."""
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
+    upper, work = base / "upper", base / "work"
+    upper.mkdir(parents=True)
     work.mkdir()
     fs = mounting.build_image_fs(image, "settle:1", str(upper), str(work), False)
     try:
@@ -179,8 +192,7 @@ def crashed_copy(image: Store, base: Path, *, boot: str) -> Path:
 
 
 def test_after_a_host_crash_the_mount_fills_the_copies_holes_from_their_objects(
-        image: Store, tmp_path: Path) -> None:  # fmt: skip
-    base = tmp_path / "m"
+        image: Store, base: Path) -> None:  # fmt: skip
     upper = crashed_copy(image, base, boot="00000000-0000-0000-0000-000000000000")
     with cowfs_mounted(image, "settle:1", base) as (mnt, _pid):
         want = bytearray(lower_big())
@@ -198,10 +210,9 @@ def test_after_a_host_crash_the_mount_fills_the_copies_holes_from_their_objects(
             os.close(fd)
 
 
-def test_after_the_daemon_alone_died_nothing_is_filled(image: Store, tmp_path: Path) -> None:
+def test_after_the_daemon_alone_died_nothing_is_filled(image: Store, base: Path) -> None:
     """The same marks with this boot's id: the host's page cache had every byte, so a hole
     there is one the user made, and stays."""
-    base = tmp_path / "m"
     upper = crashed_copy(image, base, boot=boot_id())
     with cowfs_mounted(image, "settle:1", base) as (mnt, _pid):
         data = (mnt / "text.txt").read_bytes()
@@ -211,8 +222,7 @@ def test_after_the_daemon_alone_died_nothing_is_filled(image: Store, tmp_path: P
         assert os.listdir(base / "work") == []
 
 
-def test_a_repair_without_its_object_refuses_the_mount(image: Store, tmp_path: Path) -> None:
-    base = tmp_path / "m"
+def test_a_repair_without_its_object_refuses_the_mount(image: Store, base: Path) -> None:
     upper = crashed_copy(image, base, boot="00000000-0000-0000-0000-000000000000")
     os.setxattr(upper / "big.bin", PENDING_XATTR, b"0" * 32)
     (base / "mnt").mkdir(exist_ok=True)
@@ -221,8 +231,7 @@ def test_a_repair_without_its_object_refuses_the_mount(image: Store, tmp_path: P
     assert not mounting.is_mounted(base / "mnt")
 
 
-def test_a_daemon_killed_right_after_copy_ups_loses_nothing(image: Store, tmp_path: Path) -> None:
-    base = tmp_path / "m"
+def test_a_daemon_killed_right_after_copy_ups_loses_nothing(image: Store, base: Path) -> None:
     names = ("big.bin", "text.txt", "small.txt")
     with cowfs_mounted(image, "settle:1", base) as (mnt, pid):
         for name in names:
@@ -238,8 +247,7 @@ def test_a_daemon_killed_right_after_copy_ups_loses_nothing(image: Store, tmp_pa
         assert os.listdir(base / "work") == []
 
 
-def test_a_volatile_mount_marks_nothing(image: Store, tmp_path: Path) -> None:
-    base = tmp_path / "m"
+def test_a_volatile_mount_marks_nothing(image: Store, base: Path) -> None:
     for d in ("mnt", "upper", "work"):
         (base / d).mkdir(parents=True)
     pid = mounting.mount(image, "settle:1", base / "mnt", base / "upper", base / "work",
@@ -250,6 +258,49 @@ def test_a_volatile_mount_marks_nothing(image: Store, tmp_path: Path) -> None:
         assert [n for n in os.listdir(base / "work") if n.startswith(MARK_PREFIX)] == []
     finally:
         unmount_or_kill(base / "mnt", pid)
+
+
+def delayed(path: Path) -> bool:
+    """Whether any block of `path` still waits for its allocation: data not yet on the disk
+    (ext4's delayed allocation; `filefrag -v` flags such extents)."""
+    out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert "found" in out
+    return "delalloc" in out
+
+
+def test_without_a_journal_copies_are_synced_before_their_rename(
+        image: Store, tmp_path: Path) -> None:  # fmt: skip
+    """ext4 without its journal writes metadata back in any order: a mark could reach the disk
+    after the rename it guards. There a copy is on the disk before its rename, as overlayfs
+    does it, and nothing is marked."""
+    with ext4_mounted(tmp_path / "ext4", journal=False) as fs:
+        base = fs / "m"
+        with cowfs_mounted(image, "settle:1", base) as (mnt, _pid):
+            fd = os.open(mnt / "big.bin", os.O_RDWR)  # the copy-up, and nothing written
+            try:
+                copy = base / "upper" / "big.bin"
+                assert pending(copy) is None
+                assert not delayed(copy)
+                assert [n for n in os.listdir(base / "work") if n.startswith(MARK_PREFIX)] == []
+            finally:
+                os.close(fd)
+            assert (mnt / "big.bin").read_bytes() == lower_big()
+
+
+def test_which_filesystems_keep_their_metadata_in_order(tmp_path: Path) -> None:
+    for journal in (True, False):
+        with ext4_mounted(tmp_path / f"ext4-{journal}", journal=journal) as fs:
+            fd = os.open(fs, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                assert keeps_metadata_in_order(fd) is journal
+            finally:
+                os.close(fd)
+    fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert not keeps_metadata_in_order(fd)  # not known to: taken not to
+    finally:
+        os.close(fd)
 
 
 # -- the Settler alone ----------------------------------------------------------------------------
