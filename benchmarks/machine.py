@@ -7,6 +7,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from cowfs.settling import keeps_metadata_in_order
+
 
 def _first_line(cmd: list[str], containing: str = "") -> str:
     try:
@@ -44,10 +46,12 @@ def _os_name() -> str:
     return "unknown"
 
 
-def filesystem_of(path: Path) -> dict[str, str]:
-    """The mount holding `path`: the longest mountpoint prefix in /proc/self/mounts."""
+def filesystem_of(path: Path) -> dict[str, object]:
+    """The mount holding `path`: the longest mountpoint prefix in /proc/self/mounts, and
+    whether that filesystem keeps its metadata in order (ext4 only with its journal)."""
     real = os.path.realpath(path)
-    best = {"mountpoint": "/", "fstype": "unknown", "device": "unknown", "options": ""}
+    best: dict[str, object] = {"mountpoint": "/", "fstype": "unknown", "device": "unknown",
+                               "options": ""}  # fmt: skip
     best_len = -1
     with open("/proc/self/mounts") as f:
         for line in f:
@@ -57,10 +61,16 @@ def filesystem_of(path: Path) -> dict[str, str]:
             if inside and len(mnt) > best_len:
                 best_len = len(mnt)
                 best = {"mountpoint": mnt, "fstype": fstype, "device": dev, "options": opts}
+    fd = os.open(real if os.path.exists(real) else best["mountpoint"], os.O_RDONLY)
+    try:
+        best["metadata_in_order"] = keeps_metadata_in_order(fd)
+    finally:
+        os.close(fd)
     return best
 
 
-def describe(data_dir: Path) -> dict[str, object]:
+def describe(data_dir: Path, work_dir: Path) -> dict[str, object]:
+    """`work_dir`: where the samples' upper and scratch dirs are made."""
     uname = os.uname()
     return {
         "cpu_model": _cpu_model(),
@@ -70,6 +80,7 @@ def describe(data_dir: Path) -> dict[str, object]:
         "os": _os_name(),
         "python": platform.python_version(),
         "data_filesystem": filesystem_of(data_dir),
+        "work_filesystem": filesystem_of(work_dir),
         "tools": {
             "fuse-overlayfs": _first_line(["fuse-overlayfs", "--version"], "fuse-overlayfs"),
             "libfuse (fusermount3)": _first_line(["fusermount3", "--version"]),
@@ -77,3 +88,16 @@ def describe(data_dir: Path) -> dict[str, object]:
             "fio": _first_line(["fio", "--version"]),
         },
     }
+
+
+def unordered_warning(fs: dict) -> str:
+    """What is off about measuring with the uppers on `fs` (machine.filesystem_of), or ''."""
+    if fs.get("metadata_in_order", True):
+        return ""
+    return (
+        f"the uppers are on {fs['fstype']} ({fs['device']}), which does not keep its metadata "
+        "in order (ext4 without a journal?): there cowfs syncs each copy-up before its rename, "
+        "and ext4 without a journal scans the inodes freed in the last minutes on every create, "
+        "so the create rows measure what ran before them. scripts/bench-disk.sh makes a "
+        "journaled ext4 to run on."
+    )

@@ -12,6 +12,8 @@ import os
 from html import escape
 from pathlib import Path
 
+from benchmarks.machine import unordered_warning
+
 # The store mount first: it is how cowfs is normally used; the others are shown beside it.
 COWFS = ("cowfs", "cowfs-dirs", "cowfs-threads", "cowfs-writeback")
 COLORS = {
@@ -198,6 +200,12 @@ def _short(system: str) -> str:
     return {"cowfs": "store"}.get(system, system.removeprefix("cowfs-"))
 
 
+def _fs_cell(fs: dict) -> str:
+    order = {True: ", metadata in order", False: ", **metadata not in order**"}
+    known = order.get(fs.get("metadata_in_order"), "")  # type: ignore[call-overload]
+    return f"{fs['fstype']} ({fs['device']}, {fs['options']}{known})"
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -209,6 +217,8 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
     m = doc["machine"]
     ds = doc["dataset"]
     fs = m["data_filesystem"]
+    wfs = m.get("work_filesystem", fs)  # (results from before it was recorded: the same disk)
+    warning = unordered_warning(wfs)
     rel = {k: os.path.relpath(v, base) for k, v in paths.items()}
     lines = [
         "# cowfs benchmark results",
@@ -222,11 +232,12 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
         *_code_line(doc),
         "## Machine",
         "",
-        "| CPU | cores | RAM | kernel | OS | data on |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| CPU | cores | RAM | kernel | OS | data on | uppers on |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         f"| {m['cpu_model']} | {m['cores']} | {_gib(m['ram_bytes'])} | {m['kernel']} | {m['os']} "
-        f"| {fs['fstype']} ({fs['device']}, {fs['options']}) |",
+        f"| {_fs_cell(fs)} | {_fs_cell(wfs)} |",
         "",
+        *([f"**Warning:** {warning}", ""] if warning else []),
         "Tools: " + "; ".join(f"{k}: {v}" for k, v in m["tools"].items()) + ".",
         *_load_line(doc),
         "",

@@ -58,6 +58,9 @@ def run_suite(
     work = out / "work"
     _clean_work(work)
     work.mkdir(parents=True)
+    warning = machine.unordered_warning(machine.filesystem_of(work))
+    if warning:
+        log("warning: " + warning)
     ctx = Context(ds=ds, profile=profile, work=work)
 
     sys_info: list[dict] = []
@@ -116,7 +119,7 @@ def run_suite(
             "runs": done,
             "runs_requested": runs,
             "duration_s": round(time.time() - started, 1),
-            "machine": machine.describe(data_dir),
+            "machine": machine.describe(data_dir, work),
             "cowfs_code": code,
             "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
             "dataset": ds.summary(),

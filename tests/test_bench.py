@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import report, workloads
+from benchmarks import machine, report, workloads
 from benchmarks.profile import QUICK
 from cowfs.cli import cli
-from tests.conftest import need_fuse, need_tool
+from tests.conftest import ext4_mounted, need_fuse, need_tool
 
 SYSTEMS = ["native", "overlayfs", "fuse-overlayfs", "cowfs", "cowfs-dirs"]
 PEERS = ["native", "overlayfs", "fuse-overlayfs"]  # not under test here: they must not fail
@@ -74,7 +74,10 @@ def test_quick_run_writes_json_with_every_system(quick_run: Path) -> None:
     doc = json.loads((quick_run / "results.json").read_text())
     assert doc["schema"] == "cowfs-bench/1"
     assert doc["profile"]["name"] == "quick" and doc["runs"] == 1
-    assert {"cpu_model", "cores", "ram_bytes", "kernel", "data_filesystem"} <= set(doc["machine"])
+    machine_keys = {"cpu_model", "cores", "ram_bytes", "kernel", "data_filesystem",
+                    "work_filesystem"}  # fmt: skip
+    assert machine_keys <= set(doc["machine"])
+    assert isinstance(doc["machine"]["work_filesystem"]["metadata_in_order"], bool)
     assert doc["dataset"]["files"] > 100 and doc["dataset"]["layers"] == 4
     systems = {s["name"]: s for s in doc["systems"]}
     assert list(systems) == SYSTEMS
@@ -178,6 +181,28 @@ def test_report_files_from_a_document(tmp_path: Path) -> None:
     assert "| 2.00× | 0.50× |" in md
     ET.parse(paths["chart"])
     assert json.loads(paths["json"].read_text())["targets"]
+
+
+def test_the_report_warns_of_uppers_on_a_filesystem_without_ordered_metadata(
+        tmp_path: Path) -> None:  # fmt: skip
+    doc = _doc()
+    fs = doc["machine"]["data_filesystem"]
+    doc["machine"]["work_filesystem"] = {**fs, "metadata_in_order": False}
+    md = report.markdown(doc, {k: tmp_path / k for k in ("json", "chart", "md")}, tmp_path)
+    assert "**Warning:** the uppers are on ext4 (/dev/x)" in md
+    assert "**metadata not in order**" in md
+    doc["machine"]["work_filesystem"]["metadata_in_order"] = True
+    md = report.markdown(doc, {k: tmp_path / k for k in ("json", "chart", "md")}, tmp_path)
+    assert "Warning" not in md and ", metadata in order" in md
+
+
+def test_the_machine_tells_a_journaled_ext4_from_one_without(tmp_path: Path) -> None:
+    for journal in (True, False):
+        with ext4_mounted(tmp_path / str(journal), journal=journal) as fs:
+            got = machine.filesystem_of(fs)
+            assert got["fstype"] == "ext4" and got["mountpoint"] == str(fs)
+            assert got["metadata_in_order"] is journal
+            assert bool(machine.unordered_warning(got)) is not journal
 
 
 def test_select_by_prefix() -> None:
