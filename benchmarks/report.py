@@ -227,7 +227,8 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
         f"{doc['runs']} run(s) per system{_stopped(doc)}, interleaved; the whole suite took "
         f"{doc['duration_s'] / 60:.1f} min. Raw samples: [{rel['json']}]({rel['json']}); "
         f"chart: [{rel['chart']}]({rel['chart']}). Reproduce with `make bench` as root (it "
-        "builds the data once: debootstrap needs the Debian mirror apt uses).",
+        "builds the data once: debootstrap needs the Debian mirror apt uses; on a host whose "
+        "filesystem has no journal, put BENCH_OUT on one: scripts/bench-disk.sh).",
         "",
         *_code_line(doc),
         "## Machine",
