@@ -26,6 +26,10 @@ READONLY_PROC = ("sys", "sysrq-trigger", "irq", "bus")
 ETC_FILES = ("hostname", "hosts", "resolv.conf")
 
 _PROC_FLAGS = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+# The container keeps CAP_MKNOD, as in docker, and an image may ship device nodes; docker's
+# device cgroup refuses to open them. cowfs has none: every mount the container can make a
+# node on is nodev instead, but for the safe devices of /dev, each bound onto itself.
+_NODEV_WHY = "nodev: a device node made by the container or shipped in its image opens nothing"
 
 
 @record(frozen=True)
@@ -90,6 +94,8 @@ def plan(rootfs: str, spec: ContainerSpec, etc_dir: str) -> list[Step]:
              "host unmounts still reach us, but nothing we mount propagates back to the host"),
         Step("mount", (rootfs, rootfs, None, sc.MS_BIND | sc.MS_REC, None),
              "pivot_root needs the new root to be a mount of its own, in this namespace"),
+        Step("mount", (None, rootfs, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NODEV, None),
+             _NODEV_WHY),
         Step("makedirs", (j("/proc"),)),
         Step("mount", ("proc", j("/proc"), "proc", _PROC_FLAGS, None),
              "a proc of the new pid namespace: only the container's processes"),
@@ -101,7 +107,15 @@ def plan(rootfs: str, spec: ContainerSpec, etc_dir: str) -> list[Step]:
                        "mode=755,size=65536k"),
              "a private /dev holding only the safe devices, never the host's"),
     ]
-    steps += [Step("mknod", (f"{dev}/{d.name}", d.st_mode, d.rdev)) for d in DEVICES]
+    for d in DEVICES:
+        node = f"{dev}/{d.name}"
+        steps += [
+            Step("mknod", (node, d.st_mode, d.rdev)),
+            Step("mount", (node, node, None, sc.MS_BIND, None),
+                 "a mount of its own, which stays openable when /dev turns nodev below"),
+        ]
+    steps.append(Step("mount", (None, dev, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NOSUID
+                                | sc.MS_NODEV | sc.MS_STRICTATIME, None), _NODEV_WHY))
     steps += [
         Step("makedirs", (f"{dev}/pts",)),
         Step("mount", ("devpts", f"{dev}/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
@@ -140,13 +154,14 @@ def plan(rootfs: str, spec: ContainerSpec, etc_dir: str) -> list[Step]:
             steps.append(Step("touch", (target,)))
         steps.append(Step("mount", (vol.host, target, None, sc.MS_BIND | sc.MS_REC, None),
                           "volume"))
-        if vol.read_only:
-            steps.append(Step("mount", (None, target, None,
-                                        sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY, None),
-                              "read-only volume"))
+        ro = sc.MS_RDONLY if vol.read_only else 0
+        steps.append(Step("mount", (None, target, None,
+                                    sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NODEV | ro, None),
+                          "volume: " + ("read-only; " if ro else "") + _NODEV_WHY))
     if spec.read_only:
         steps.append(Step("mount", (None, rootfs, None,
-                                    sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY, None),
+                                    sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NODEV | sc.MS_RDONLY,
+                                    None),
                           "--read-only: last, after every mount point above was created"))
     return steps
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,9 @@ int main(int argc, char **argv) {
 
     printf("mknod_blk=%s\n", res(mknod("/blk", S_IFBLK | 0600, makedev(maj, min))));
     try_read("read_mknod_blk", "/blk");
+    printf("mknod_dev_blk=%s\n", res(mknod("/dev/blk", S_IFBLK | 0600, makedev(maj, min))));
+    try_read("read_dev_blk", "/dev/blk");
+    try_read("read_dev_zero", "/dev/zero");
     printf("mknod_mem=%s\n", res(mknod("/mem", S_IFCHR | 0600, makedev(1, 1))));
     try_read("read_mknod_mem", "/mem");
     try_read("read_image_blk", "/image-disk");
@@ -92,17 +96,31 @@ int main(int argc, char **argv) {
 """
 
 
-def host_disk() -> tuple[int, int]:
-    """(major, minor) of the first whole disk the host has."""
-    with open("/proc/partitions") as f:
-        for line in f.read().splitlines()[2:]:
-            major, minor, _blocks, _name = line.split()
-            return int(major), int(minor)
-    raise AssertionError("no block device on this host")
+HOST_DISK_BYTES = b"HOST DISK " * 52  # what the test's own host disk holds (520 bytes)
 
 
 @pytest.fixture
-def hostile(cowfs: Cowfs, tmp_path: Path) -> tuple[str, Path, Path]:  # noqa: F811
+def host_disk(tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """(major, minor) of a block device of the host that anyone on the host may read: a loop
+    device of the test's own, so that a container reading it is a read that could succeed."""
+    need_tool("losetup")
+    image = tmp_path / "host-disk.img"
+    image.write_bytes(HOST_DISK_BYTES.ljust(1 << 20, b"\0"))
+    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    try:
+        os.chmod(dev, 0o666)
+        with open(dev, "rb") as f:
+            assert f.read(len(HOST_DISK_BYTES)) == HOST_DISK_BYTES  # the host can read it
+        st = os.stat(dev)
+        yield os.major(st.st_rdev), os.minor(st.st_rdev)
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=True)
+
+
+@pytest.fixture
+def hostile(cowfs: Cowfs, tmp_path: Path,  # noqa: F811
+            host_disk: tuple[int, int]) -> tuple[str, Path, Path]:  # fmt: skip
     """("hostile:1", canary dir, probe source dir): busybox plus a layer aimed at the host."""
     need_tool("gcc")
     canary = tmp_path / "canary"
@@ -113,7 +131,7 @@ def hostile(cowfs: Cowfs, tmp_path: Path) -> tuple[str, Path, Path]:  # noqa: F8
     binary = tmp_path / "probe"
     subprocess.run(["gcc", "-static", "-O1", "-o", str(binary), str(src)], check=True,
                    capture_output=True)  # fmt: skip
-    maj, mnr = host_disk()
+    maj, mnr = host_disk
     busybox = Path("/bin/busybox").read_bytes()
     up = "../" * 30 + str(canary).lstrip("/")
     layer = tar(
@@ -136,19 +154,22 @@ def hostile(cowfs: Cowfs, tmp_path: Path) -> tuple[str, Path, Path]:  # noqa: F8
     return "hostile:1", canary, tmp_path
 
 
-def test_escape_attempts_fail(cowfs: Cowfs, hostile: tuple[str, Path, Path]) -> None:  # noqa: F811
+def test_escape_attempts_fail(cowfs: Cowfs, hostile: tuple[str, Path, Path],  # noqa: F811
+                              host_disk: tuple[int, int]) -> None:  # fmt: skip
     ref, canary, tmp_path = hostile
     marker = tmp_path / "host-marker"
     marker.write_text("host\n")
     before = snapshot(canary, marker)
-    maj, mnr = host_disk()
+    maj, mnr = host_disk
     proc = cowfs("run", "--rm", ref, "/probe", str(maj), str(mnr), str(marker), str(os.getpid()))
     assert proc.returncode == 0, proc.stderr
     out = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     assert out["open_by_handle_at"] == "Operation not permitted", out  # no CAP_DAC_READ_SEARCH
-    for what in ("read_mknod_blk", "read_mknod_mem", "read_image_blk", "read_image_mem",
-                 "open_fuse"):  # fmt: skip
+    assert out["mknod_blk"] == "ok" and out["mknod_dev_blk"] == "ok", out  # CAP_MKNOD, as docker
+    for what in ("read_mknod_blk", "read_dev_blk", "read_mknod_mem", "read_image_blk",
+                 "read_image_mem", "open_fuse"):  # fmt: skip
         assert out[what] != "READ", (what, out)
+    assert out["read_dev_zero"] == "READ", out  # the safe devices still open
     assert out["kill_host"] == "No such process", out  # another pid namespace
     assert out["core_pattern"] != "ok", out
     assert out["chroot_escape"] == "contained", out

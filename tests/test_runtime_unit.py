@@ -75,10 +75,27 @@ def test_every_dangerous_step_says_why(tmp_path: Path) -> None:
 def test_read_only_root_is_the_last_step(tmp_path: Path) -> None:
     root = str(tmp_path)
     steps = rootfs.plan(root, spec(read_only=True, volumes=[f"{tmp_path}:/data:ro"]), "/e")
-    assert steps[-1].args == (None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY, None)
+    remount = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NODEV
+    assert steps[-1].args == (None, root, None, remount | sc.MS_RDONLY, None)
     vol = [s for s in steps if s.op == "mount" and s.args[1] == f"{root}/data"]
-    assert [v.args[3] for v in vol] == [sc.MS_BIND | sc.MS_REC,
-                                        sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY]  # fmt: skip
+    assert [v.args[3] for v in vol] == [sc.MS_BIND | sc.MS_REC, remount | sc.MS_RDONLY]
+
+
+def test_no_mount_the_container_can_make_a_device_node_on_opens_one(tmp_path: Path) -> None:
+    """No device cgroup: the root, /dev and every volume are nodev, and the safe devices are
+    each a bind mount of their own (which keeps them openable)."""
+    root = str(tmp_path / "root")
+    steps = rootfs.plan(root, spec(volumes=[f"{tmp_path}:/data"]), "/e")
+    m = mounts(steps)
+    remount = sc.MS_BIND | sc.MS_REMOUNT
+    for target in (root, f"{root}/dev", f"{root}/data"):
+        last = [a for a in m if a[1] == target][-1]
+        assert last[3] & remount == remount and last[3] & sc.MS_NODEV, (target, last)
+    dev = [a[1] for a in m if a[1].startswith(f"{root}/dev")]
+    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+        node = f"{root}/dev/{name}"
+        assert (node, node, None, sc.MS_BIND, None) in m
+        assert dev.index(node) < dev.index(f"{root}/dev", 1)  # bound before /dev turns nodev
 
 
 def test_pivot_order_and_detach() -> None:
