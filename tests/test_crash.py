@@ -97,8 +97,12 @@ def workload(mnt: str, files: dict[str, str], seed: int, fd: int) -> None:
             if op == "new" or not names:
                 path = f"{rng.choice(['new', 'small', 'dirs/d0', 'big'])}/n{seed}-{serial}"
                 data = rng.randbytes(rng.choice([0, 10, 4096, 100_000, 128 * 1024]))
+                # Created, not yet written; or written in part: a SIGKILL stops the daemon's
+                # own pwrite of a WRITE it is serving between two pages (the kernel's buffered
+                # write checks for a fatal signal per page), so any page-aligned prefix.
+                cuts = range(0, len(data), mmap.PAGESIZE)
                 msg = {"op": "new", "before": {path: None}, "after": {path: sha(data)},
-                       "partial": [sha(b"")]}  # created, not yet written
+                       "partial": [sha(data[:k]) for k in cuts] or [sha(b"")]}
                 _send(fd, msg)
                 os.makedirs(os.path.join(mnt, os.path.dirname(path)), exist_ok=True)
                 wfd = os.open(os.path.join(mnt, path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
