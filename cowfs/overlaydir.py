@@ -25,6 +25,7 @@ from typing import BinaryIO
 import xxhash
 
 from cowfs.errors import InvalidInput, NotFound
+from cowfs.settling import PENDING_XATTR, unsettled
 from cowfs.toc import BLK, CHR, DIR, REG, SYMLINK, Entry, Toc, kind_of_mode
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -188,6 +189,8 @@ class _Scanner:
                 raise InvalidInput(f"{e.path or '/'}: overlayfs {feature} is not supported")
         if e.kind == DIR and b"y" in (xattrs.get(OPAQUE_XATTR), xattrs.get(USER_OPAQUE_XATTR)):
             self.toc.opaque.add(e.path)
+        if not self.keep_bookkeeping and PENDING_XATTR in xattrs:
+            raise unsettled(e.path)  # its content is about to become a layer's
         if not self.keep_bookkeeping:
             xattrs = {user_xattr(k): v for k, v in xattrs.items() if user_xattr(k) is not None}
         e.xattrs = xattrs or None

@@ -39,6 +39,7 @@ from __future__ import annotations
 import _thread
 import os
 
+from cowfs.errors import InvalidInput
 from cowfs.hostdir import start_writeback
 
 TYPE_CHECKING = False
@@ -84,6 +85,14 @@ def keeps_metadata_in_order(fd: int) -> bool:
         except OSError:
             return False
     return fstype in _ORDERED
+
+
+def unsettled(path: str) -> InvalidInput:
+    """The error for reading the upper file `path` straight from the disk while it is marked:
+    after a host crash it may hold holes that only a writable mount repairs."""
+    return InvalidInput(f"/{path}: a copy-up not yet synced to the disk ({PENDING_XATTR}): its "
+                        f"mount is settling it, or ended before it could; mount the upper "
+                        f"writable once, which settles it, then try again")  # fmt: skip
 
 
 def cut_short(work: str) -> str | None:

@@ -50,6 +50,7 @@ from cowfs.settling import (
     Settler,
     boot_id,
     keeps_metadata_in_order,
+    unsettled,
 )
 from cowfs.toc import BLK, CHR, DIR, FIFO, REG, SOCK, SYMLINK, Entry, kind_of_mode
 
@@ -294,11 +295,23 @@ class UnionFS:
                 self._record(path, kind)
                 if st.st_nlink > 1 and kind not in (DIR, WHITEOUT):
                     self._add_links([path], st.st_ino)
+                if kind == REG and self.read_only and self._marked(path):
+                    raise unsettled(path)  # a read-only mount cannot repair it (no work dir)
                 if kind == DIR:
                     if self._has_opaque_xattr(path):
                         self._opaque.add(path)
                         self._hiders += 1
                     stack.append(path)
+
+    def _marked(self, path: str) -> bool:
+        assert self.upper is not None
+        try:
+            self.upper.getxattr(path, PENDING_XATTR)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return False
+            raise
+        return True
 
     def _has_opaque_xattr(self, path: str) -> bool:
         assert self.upper is not None

@@ -23,6 +23,7 @@ import pytest
 import xxhash
 
 from cowfs import mounting
+from cowfs.commit import commit_upper
 from cowfs.errors import CowfsError
 from cowfs.objects import FRAME_SIZE
 from cowfs.rootfs import import_rootfs
@@ -338,3 +339,28 @@ def test_a_failed_settle_is_reported_and_keeps_nothing_open(tmp_path: Path) -> N
     settler.close()
     assert [i for i, _ in failures] == [ino]
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_marked_copy_is_not_read_past_its_repair(image: Store, base: Path) -> None:
+    """A read-only mount and `commit --upper` read the upper without a work dir, so they cannot
+    repair a copy a host crash may have cut short: they refuse it, with one line."""
+    with cowfs_mounted(image, "settle:1", base) as (mnt, _pid):
+        append(mnt / "big.bin", b"!")
+    upper = base / "upper"
+    os.setxattr(upper / "big.bin", PENDING_XATTR, xxhash.xxh128_hexdigest(lower_big()).encode())
+    refused = r"/big.bin: a copy-up not yet synced"
+    with pytest.raises(CowfsError, match=refused):
+        mounting.mount(image, "settle:1", base / "mnt", upper, base / "work", True)
+    assert not mounting.is_mounted(base / "mnt")
+    with pytest.raises(CowfsError, match=refused):
+        commit_upper(image, "settle:1", upper, "settle:2")
+    assert "settle:2" not in image.tags()
+    # A writable mount settles it (this boot's mark: nothing to repair); then both read it.
+    (base / "work" / (MARK_PREFIX + boot_id())).mkdir()
+    with cowfs_mounted(image, "settle:1", base):
+        pass
+    assert pending(upper / "big.bin") is None
+    with cowfs_mounted(image, "settle:1", base, read_only=True) as (mnt, _pid):
+        assert (mnt / "big.bin").read_bytes() == lower_big() + b"!"
+    commit_upper(image, "settle:1", upper, "settle:2")
+    assert "settle:2" in image.tags()
