@@ -189,9 +189,9 @@ class _Scanner:
                 raise InvalidInput(f"{e.path or '/'}: overlayfs {feature} is not supported")
         if e.kind == DIR and b"y" in (xattrs.get(OPAQUE_XATTR), xattrs.get(USER_OPAQUE_XATTR)):
             self.toc.opaque.add(e.path)
-        if not self.keep_bookkeeping and PENDING_XATTR in xattrs:
-            raise unsettled(e.path)  # its content is about to become a layer's
         if not self.keep_bookkeeping:
+            if PENDING_XATTR in xattrs:
+                raise unsettled(e.path)  # its content is about to become a layer's
             xattrs = {user_xattr(k): v for k, v in xattrs.items() if user_xattr(k) is not None}
         e.xattrs = xattrs or None
 

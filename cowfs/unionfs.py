@@ -304,22 +304,18 @@ class UnionFS:
                     stack.append(path)
 
     def _marked(self, path: str) -> bool:
-        assert self.upper is not None
-        try:
-            self.upper.getxattr(path, PENDING_XATTR)
-        except OSError as exc:
-            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-                return False
-            raise
-        return True
+        return self._upper_xattr(path, PENDING_XATTR) is not None
 
     def _has_opaque_xattr(self, path: str) -> bool:
+        return self._upper_xattr(path, OPAQUE_XATTR) == b"y"
+
+    def _upper_xattr(self, path: str, name: str) -> bytes | None:
         assert self.upper is not None
         try:
-            return self.upper.getxattr(path, OPAQUE_XATTR) == b"y"
+            return self.upper.getxattr(path, name)
         except OSError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-                return False
+                return None
             raise
 
     @staticmethod
