@@ -61,6 +61,35 @@ def copy_range(src: int, dst: int, count: int, pos: int) -> int:
     return os.sendfile(dst, src, pos, count)
 
 
+# cachestat(2), Linux >= 6.5. New system calls have one number on every architecture.
+_SYS_CACHESTAT = 451
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    ]
+
+
+def cached_pages(fd: int, offset: int = 0, length: int = 0) -> int | None:
+    """How many pages of a file's range (length 0: to the end) are in the page cache, without
+    mapping it; None where the kernel cannot tell (older than 6.5)."""
+    rng, out = _CachestatRange(offset, length), _Cachestat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(out), 0) != 0:
+        return None
+    return out.nr_cache
+
+
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Let the kernel drop a range's clean, unmapped pages (POSIX_FADV_DONTNEED)."""
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 class _At:
     __slots__ = ("fd", "name", "owned")
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import objects
+from cowfs import hostdir, objects
 from cowfs.errors import Corruption, NotFound
 from cowfs.objects import FRAME_SIZE, ObjectStore, digest_bytes
 
-from .conftest import need_root, need_tool
+from .conftest import ext4_mounted, need_root, need_tool
 
 
 @pytest.fixture
@@ -138,6 +138,46 @@ def test_copy_into_writes_verified_bytes_and_keeps_zero_frames_as_holes(
             assert os.lseek(fd, FRAME_SIZE, os.SEEK_HOLE) == FRAME_SIZE  # the zero frame: a hole
         finally:
             os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["text", "random"])
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
+def test_copy_into_leaves_its_objects_page_cache_as_it_found_it(tmp_path: Path, kind: str,
+                                                               cached: bool) -> None:  # fmt: skip
+    """A copy of an object none of whose frames were cached drops each stretch it has copied
+    (the copy serves reads from then on); an object some reader has cached stays cached. On a
+    disk filesystem of its own: a tmpfs' pages cannot be dropped."""
+    with ext4_mounted(tmp_path / "ext4", journal=True) as fs:
+        store = ObjectStore(fs / "objects", fs / "tmp")
+        n = 3 * objects._COPY_STEP + 12345  # several stretches, a partial last one
+        data = text(n) if kind == "text" else os.urandom(n)
+        d = store.put_bytes(data)
+        assert store.stored_size(d) < n if kind == "text" else store.stored_size(d) > n
+        obj = os.open(store.path(d), os.O_RDONLY)
+        try:
+            os.fsync(obj)
+            hostdir.drop_cached(obj, 0, 0)
+            if cached:
+                os.pread(obj, 1 << 20, 0)  # a reader's: the copy must not evict it
+            before = hostdir.cached_pages(obj)
+            assert before is not None, "cachestat(2) needs Linux 6.5"
+            fd = os.open(fs / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.ftruncate(fd, n)
+                with store.open(d) as r:
+                    r.copy_into(fd)
+                assert os.pread(fd, n + 1, 0) == data
+            finally:
+                os.close(fd)
+            after = hostdir.cached_pages(obj)
+            whole = (store.stored_size(d) + 4095) // 4096
+            if cached:
+                assert before > 0 and after == whole  # read whole by the copy, and kept
+            else:
+                assert before == 0
+                assert after is not None and after <= 8  # at most the seek table, at the end
+        finally:
+            os.close(obj)
 
 
 @pytest.mark.parametrize("kind", ["text", "random"])
