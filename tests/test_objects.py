@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,8 +184,13 @@ def test_copy_into_leaves_its_objects_page_cache_as_it_found_it(tmp_path: Path, 
 
 @pytest.mark.parametrize("kind", ["text", "random"])
 @pytest.mark.parametrize("sized", [False, True], ids=["empty", "sized"])
+@pytest.mark.parametrize("step", [objects._COPY_STEP, 3 * FRAME_SIZE], ids=["one", "stretches"])
 def test_copy_into_refuses_a_damaged_frame(store: ObjectStore, tmp_path: Path, kind: str,
-                                           sized: bool) -> None:  # fmt: skip
+                                           sized: bool, step: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """`stretches`: a raw object is copied a stretch at a time by a thread, while the stretch
+    before is verified; the damage is in a stretch of its own."""
+    monkeypatch.setattr(objects, "_COPY_STEP", step)
     data = text(20 * FRAME_SIZE) if kind == "text" else os.urandom(20 * FRAME_SIZE)
     d = store.put_bytes(data)
     p = store.path(d)
@@ -199,6 +206,46 @@ def test_copy_into_refuses_a_damaged_frame(store: ObjectStore, tmp_path: Path, k
             r.copy_into(fd)
     finally:
         os.close(fd)
+
+
+def test_a_raw_object_cut_short_fails_its_copy(store: ObjectStore, tmp_path: Path) -> None:
+    data = os.urandom(20 * FRAME_SIZE)
+    d = store.put_bytes(data)
+    with store.open(d) as r:
+        p = store.path(d)
+        os.chmod(p, 0o644)
+        os.truncate(p, 10 * FRAME_SIZE)  # the reader has read the seek table already
+        fd = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, len(data))
+            with pytest.raises(Corruption, match="shorter than its trailer says"):
+                r.copy_into(fd)
+        finally:
+            os.close(fd)
+
+
+def test_a_failure_of_the_copier_thread_is_the_copys(store: ObjectStore, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw object is copied a stretch at a time by a thread of its own: its failure (here a
+    full filesystem) is raised by copy_into, which returns only once that thread is done."""
+    need_root()
+    monkeypatch.setattr(objects, "_COPY_STEP", 3 * FRAME_SIZE)
+    d = store.put_bytes(os.urandom(20 * FRAME_SIZE))
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        fd = os.open(small / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, 20 * FRAME_SIZE)
+            with store.open(d) as r, pytest.raises(OSError) as exc:
+                r.copy_into(fd)
+            assert exc.value.errno == errno.ENOSPC
+            assert threading.active_count() == 1
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_truncated_object_is_corruption(store: ObjectStore) -> None:
