@@ -2,8 +2,11 @@
 
 Run r goes through every workload, and within a workload through every system, in an order that
 rotates with r, so slow drifts of the machine (other users of the 2 cores, the disk's own caches)
-spread over all systems instead of landing on one. A failing sample is recorded with its error and
-the suite goes on; every mount a sample made is released before the next one starts.
+spread over all systems instead of landing on one. Every other run goes the other way round: a
+rotation alone keeps each system behind the same one in every run, and what a sample leaves
+behind (page cache, memory the host takes back, writeback) then lands on the same neighbour.
+A failing sample is recorded with its error and the suite goes on; every mount a sample made is
+released before the next one starts.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from benchmarks import dataset as _dataset
 from benchmarks import machine, pin
@@ -27,6 +31,7 @@ from cowfs.errors import BenchError, CowfsError
 
 Log = Callable[[str], None]
 SCHEMA = "cowfs-bench/1"
+T = TypeVar("T")
 SAMPLE_TIMEOUT = 900.0  # seconds; the slowest sample of the full suite takes about two minutes
 
 
@@ -147,8 +152,7 @@ def run_suite(
                 eligible = [s for s in live if w.applies_to(s)]
                 if not eligible:
                     continue
-                k = (r + wi) % len(eligible)
-                for s in eligible[k:] + eligible[:k]:
+                for s in sample_order(eligible, r, wi):
                     _one_sample(ctx, w, s, r, metrics, log)
             done = r + 1
             if on_run is not None:
@@ -165,6 +169,16 @@ def run_suite(
     finally:
         _clean_work(work)
     return document()
+
+
+def sample_order(systems: list[T], run: int, workload: int) -> list[T]:
+    """The order of one workload's samples in one run (see the module's docstring)."""
+    n = len(systems)
+    k = (run + workload) % n
+    if run % 2:  # the same first system as a rotation by k, then the others the other way
+        backwards = systems[::-1]
+        return backwards[n - 1 - k :] + backwards[: n - 1 - k]
+    return systems[k:] + systems[:k]
 
 
 def _one_sample(ctx: Context, w: Workload, s: System, r: int, metrics: dict, log: Log) -> None:

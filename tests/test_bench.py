@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import machine, report, workloads
+from benchmarks import machine, report, runner, workloads
 from benchmarks.profile import QUICK
 from cowfs.cli import cli
 from tests.conftest import ext4_mounted, need_fuse, need_tool
@@ -203,6 +203,20 @@ def test_the_machine_tells_a_journaled_ext4_from_one_without(tmp_path: Path) -> 
             assert got["fstype"] == "ext4" and got["mountpoint"] == str(fs)
             assert got["metadata_in_order"] is journal
             assert bool(machine.unordered_warning(got)) is not journal
+
+
+def test_each_system_leads_a_run_and_follows_more_than_one_other() -> None:
+    """Samples of one workload rotate across runs, and alternate direction: a rotation alone
+    would keep each system behind the same neighbour (what that sample leaves in memory and on
+    the disk would always land on it)."""
+    systems = ["native", "overlayfs", "fuse-overlayfs", "cowfs"]
+    orders = [runner.sample_order(systems, r, 2) for r in range(4)]
+    for order in orders:
+        assert sorted(order) == sorted(systems)
+    assert {order[0] for order in orders} == set(systems)
+    for s in systems[1:]:
+        behind = {order[order.index(s) - 1] for order in orders if order.index(s) > 0}
+        assert len(behind) > 1, (s, orders)
 
 
 def test_select_by_prefix() -> None:
