@@ -335,7 +335,8 @@ class ObjectReader:
         0.23 (no fdatasync: the rest is the disk writing the copy). Later, in process and without
         the fdatasync (now after the rename, cowfs/settling.py): the copy took 0.21-0.23 s and
         its verification 0.05 s after it, 0.28-0.30 s in all; with the two overlapped, 0.24-0.29
-        s, against 0.27-0.71 s for one copy_file_range of the whole file."""
+        s, against 0.27-0.71 s for one copy_file_range of the whole file
+        (benchmarks/probes/copy_into_phases.py)."""
         checks, starts, csizes = self._checks, self._starts, self._csizes
         readable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
                     and os.fstat(fd).st_size >= self.size)  # fmt: skip
@@ -352,19 +353,18 @@ class ObjectReader:
         view = memoryview(copy) if copy is not None else self._mapped()
         copied: SimpleQueue[set[int] | BaseException | None] = SimpleQueue()
         cancel: list[bool] = []
-        if len(stretches) > 1:
-            _thread.start_new_thread(self._copy_stretches, (fd, stretches, copied, cancel))
-        else:
-            self._copy_stretches(fd, stretches, copied, cancel)
-        ended = False
+        copying = False
         try:
+            if len(stretches) > 1:
+                _thread.start_new_thread(self._copy_stretches, (fd, stretches, copied, cancel))
+            else:
+                self._copy_stretches(fd, stretches, copied, cancel)
+            copying = True
             for k, j in stretches:
                 holes = copied.get()
-                if holes is None:
-                    ended = True
-                    raise Corruption(f"object {self.digest}: the copy ended early")
                 if isinstance(holes, BaseException):
                     raise holes
+                assert holes is not None  # (the copier stops early only when cancelled)
                 for i in range(k, j):
                     lo = starts[i]
                     if i in holes:  # (reading a hole of a tmpfs through a map would fill it)
@@ -376,7 +376,7 @@ class ObjectReader:
                 if written is not None and stop < self.size:
                     written(first, stop - first)
         finally:
-            if not ended:  # the copier must be done with fd before the caller closes it
+            if copying:  # the copier must be done with fd before the caller closes it
                 cancel.append(True)
                 while copied.get() is not None:
                     pass
