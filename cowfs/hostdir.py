@@ -85,11 +85,6 @@ def cached_pages(fd: int, offset: int = 0, length: int = 0) -> int | None:
     return out.nr_cache
 
 
-def drop_cached(fd: int, offset: int, length: int) -> None:
-    """Let the kernel drop a range's clean, unmapped pages (POSIX_FADV_DONTNEED)."""
-    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
 class _At:
     __slots__ = ("fd", "name", "owned")
 

@@ -417,9 +417,8 @@ class ObjectReader:
         """Stored bytes [start, end) (None: to the end of the file) are copied: drop their
         pages if copy_into found the object uncached."""
         if self._drop_behind:
-            from cowfs.hostdir import drop_cached
-
-            drop_cached(self._fd, start, 0 if end is None else end - start)
+            length = 0 if end is None else end - start
+            os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
 
     def restore_holes(self, fd: int) -> int:
         """Fill the holes of host file `fd` (a copy of this object, maybe written to since)

@@ -158,7 +158,7 @@ def test_copy_into_leaves_its_objects_page_cache_as_it_found_it(tmp_path: Path, 
         obj = os.open(store.path(d), os.O_RDONLY)
         try:
             os.fsync(obj)
-            hostdir.drop_cached(obj, 0, 0)
+            os.posix_fadvise(obj, 0, 0, os.POSIX_FADV_DONTNEED)
             if cached:
                 os.pread(obj, 1 << 20, 0)  # a reader's: the copy must not evict it
             before = hostdir.cached_pages(obj)
