@@ -334,9 +334,9 @@ class ObjectReader:
         0.52); this 0.43-0.97 (median 0.46), against kernel overlayfs' 0.50 and fuse-overlayfs'
         0.23 (no fdatasync: the rest is the disk writing the copy). Later, in process and without
         the fdatasync (now after the rename, cowfs/settling.py): the copy took 0.21-0.23 s and
-        its verification 0.05 s after it, 0.28-0.30 s in all; with the two overlapped, 0.24-0.29
-        s, against 0.27-0.71 s for one copy_file_range of the whole file
-        (benchmarks/probes/copy_into_phases.py)."""
+        its verification 0.05 s after it, 0.28-0.30 s in all; with the two overlapped, 0.24-0.36
+        s over 9 runs, against 0.23-0.71 s for one copy_file_range of the whole file in the same
+        runs (benchmarks/probes/copy_into_phases.py; the disk's speed varies that much)."""
         checks, starts, csizes = self._checks, self._starts, self._csizes
         readable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
                     and os.fstat(fd).st_size >= self.size)  # fmt: skip
