@@ -123,7 +123,7 @@ class ObjectReader:
     the frames are sliced from memory (and still verified)."""
 
     __slots__ = ("digest", "size", "_fd", "_blob", "_raw", "_starts", "_offsets", "_csizes",
-                 "_checks", "_cache", "_map", "_drop_behind")  # fmt: skip
+                 "_checks", "_cache", "_map")  # fmt: skip
 
     def __init__(self, digest: str, fd: int, cache: FrameCache, blob: bytes | None = None) -> None:
         self.digest = digest
@@ -131,7 +131,6 @@ class ObjectReader:
         self._blob = blob
         self._cache = cache
         self._map: memoryview | None = None
-        self._drop_behind = False  # copy_into: drop the stored pages it has copied
         try:
             self._read_index()
         except BaseException:
@@ -295,14 +294,9 @@ class ObjectReader:
         if self.size == 0:
             return
         loose = self._fd >= 0
-        if loose:
-            from cowfs.hostdir import cached_pages  # (ctypes: not for commands that copy nothing)
-
-            # Up to the page the seek table begins in: opening the object read the table.
-            table = (self._offsets[-1] + self._csizes[-1]) & ~(mmap.PAGESIZE - 1)
-            self._drop_behind = not table or not cached_pages(self._fd, 0, table)  # None: as 0
+        drop = loose and self._uncached()  # drop the stored pages once copied
         if loose and self._raw:
-            self._copy_raw_into(fd, written)
+            self._copy_raw_into(fd, written, drop)
             return
         if loose:
             # Ask for the stored bytes _COPY_AHEAD ahead of the copy: the disk reads them while
@@ -315,13 +309,14 @@ class ObjectReader:
                 ahead = self._offsets[end] + _COPY_AHEAD - _COPY_READ
                 os.posix_fadvise(self._fd, ahead, _COPY_READ, os.POSIX_FADV_WILLNEED)
             self._write_batch(fd, first, frames)
-            if loose:
-                stored_end = self._offsets[end] if end < len(self._starts) else None
-                self._copied(self._offsets[first], stored_end)
+            if drop:  # (to the end of the file after the last batch)
+                stored_end = self._offsets[end] if end < len(self._starts) else 0
+                _drop_pages(self._fd, self._offsets[first], stored_end)
             if written is not None and end < len(self._starts):
                 written(self._starts[first], self._starts[end] - self._starts[first])
 
-    def _copy_raw_into(self, fd: int, written: Callable[[int, int], None] | None) -> None:
+    def _copy_raw_into(self, fd: int, written: Callable[[int, int], None] | None,
+                       drop: bool) -> None:  # fmt: skip
         """copy_into of a loose raw object, whose bytes sit at their own offsets in its file:
         the kernel copies each stretch (copy_file_range: the disk read and the copy happen in
         the kernel, no byte passes through this process), and then its frames are verified
@@ -372,7 +367,8 @@ class ObjectReader:
                     if _frame_checksum(view[lo : lo + csizes[i]]) != checks[i]:
                         raise Corruption(f"object {self.digest}: frame {i} checksum mismatch")
                 first, stop = starts[k], starts[j] if j < n else self.size
-                self._copied(first, stop)
+                if drop:
+                    _drop_pages(self._fd, first, stop)
                 if written is not None and stop < self.size:
                     written(first, stop - first)
         finally:
@@ -413,12 +409,14 @@ class ObjectReader:
         finally:
             copied.put(None)
 
-    def _copied(self, start: int, end: int | None) -> None:
-        """Stored bytes [start, end) (None: to the end of the file) are copied: drop their
-        pages if copy_into found the object uncached."""
-        if self._drop_behind:
-            length = 0 if end is None else end - start
-            os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
+    def _uncached(self) -> bool:
+        """Whether none of a loose object's frames are in the page cache (cachestat(2); where
+        the kernel cannot tell, as if none were). Up to the page its seek table begins in:
+        opening the object read the table."""
+        from cowfs.hostdir import cached_pages  # (ctypes: not for commands that copy nothing)
+
+        table = (self._offsets[-1] + self._csizes[-1]) & ~(mmap.PAGESIZE - 1)
+        return not table or not cached_pages(self._fd, 0, table)
 
     def restore_holes(self, fd: int) -> int:
         """Fill the holes of host file `fd` (a copy of this object, maybe written to since)
@@ -561,6 +559,12 @@ class ObjectReader:
 _PREFETCH = 8 << 20  # how far ahead of a big read of a loose object the disk is asked to read
 _prefetch_queue: SimpleQueue[tuple[int, int]] | None = None
 _prefetch_lock = _thread.allocate_lock()
+
+
+def _drop_pages(fd: int, start: int, end: int) -> None:
+    """Let the kernel drop the clean, unmapped pages of [start, end) of `fd` (end 0: to the end
+    of the file)."""
+    os.posix_fadvise(fd, start, end - start if end else 0, os.POSIX_FADV_DONTNEED)
 
 
 def _prefetch(fd: int, offset: int) -> None:
