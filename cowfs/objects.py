@@ -337,11 +337,11 @@ class ObjectReader:
                     and os.fstat(fd).st_size >= self.size)  # fmt: skip
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         n = len(starts)
-        stretches = []
+        stretches = []  # (first frame, end frame, first byte, end byte)
         k = 0
         while k < n:
             j = bisect.bisect_left(starts, starts[k] + _COPY_STEP, k + 1)
-            stretches.append((k, j))
+            stretches.append((k, j, starts[k], starts[j] if j < n else self.size))
             k = j
         self._mapped()  # (made here: the copier reads zero frames through it too)
         copy = mmap.mmap(fd, self.size, prot=mmap.PROT_READ) if readable else None
@@ -355,7 +355,7 @@ class ObjectReader:
             else:
                 self._copy_stretches(fd, stretches, copied, cancel)
             copying = True
-            for k, j in stretches:
+            for k, j, first, stop in stretches:
                 holes = copied.get()
                 if isinstance(holes, BaseException):
                     raise holes
@@ -366,7 +366,6 @@ class ObjectReader:
                         continue
                     if _frame_checksum(view[lo : lo + csizes[i]]) != checks[i]:
                         raise Corruption(f"object {self.digest}: frame {i} checksum mismatch")
-                first, stop = starts[k], starts[j] if j < n else self.size
                 if drop:
                     _drop_pages(self._fd, first, stop)
                 if written is not None and stop < self.size:
@@ -380,20 +379,19 @@ class ObjectReader:
                 view.release()
                 copy.close()
 
-    def _copy_stretches(self, fd: int, stretches: list[tuple[int, int]],
+    def _copy_stretches(self, fd: int, stretches: list[tuple[int, int, int, int]],
                         copied: SimpleQueue[set[int] | BaseException | None],
                         cancel: list[bool]) -> None:  # fmt: skip
-        """_copy_raw_into's copier: copy each stretch (frames k..j-1) into `fd` but its zero
-        frames, and tell `copied` which frames those were; then None. Run on a thread of its
-        own when there are several stretches, so that the kernel copies the next stretch while
-        the caller verifies the last (the copy waits on the disk, the check on the CPU)."""
+        """_copy_raw_into's copier: copy each stretch (frames k..j-1, bytes first..stop-1) into
+        `fd` but its zero frames, and tell `copied` which frames those were; then None. Run on
+        a thread of its own when there are several stretches, so that the kernel copies the
+        next stretch while the caller verifies the last (the copy waits on the disk, the check
+        on the CPU)."""
         checks, starts, csizes = self._checks, self._starts, self._csizes
         try:
-            for k, j in stretches:
+            for k, j, first, stop in stretches:
                 if cancel:
                     break
-                first = starts[k]
-                stop = starts[j] if j < len(starts) else self.size
                 run = first  # the start of the stretch not yet copied
                 holes = set()
                 for i in range(k, j):
