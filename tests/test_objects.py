@@ -97,14 +97,21 @@ def target_dir(tmp_path: Path, where: str) -> Iterator[Path]:
     if where == "same-fs":
         yield tmp_path
         return
-    need_root()
-    other = tmp_path / "other"
-    other.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other)], check=True)
-    try:
+    with tmpfs(tmp_path / "other") as other:
         yield other
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, *options: str) -> Iterator[Path]:
+    """A tmpfs of the test's own at `path` (mount options e.g. "size=1m"), unmounted after."""
+    need_root()
+    path.mkdir()
+    opts = ["-o", ",".join(options)] if options else []
+    subprocess.run(["mount", "-t", "tmpfs", *opts, "tmpfs", str(path)], check=True)
+    try:
+        yield path
     finally:
-        subprocess.run(["umount", str(other)], check=True)
+        subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.mark.parametrize("kind", ["text", "random"])
@@ -228,13 +235,9 @@ def test_a_failure_of_the_copier_thread_is_the_copys(store: ObjectStore, tmp_pat
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A raw object is copied a stretch at a time by a thread of its own: its failure (here a
     full filesystem) is raised by copy_into, which returns only once that thread is done."""
-    need_root()
     monkeypatch.setattr(objects, "_COPY_STEP", 3 * FRAME_SIZE)
     d = store.put_bytes(os.urandom(20 * FRAME_SIZE))
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "size=1m") as small:
         fd = os.open(small / "copy", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, 20 * FRAME_SIZE)
@@ -244,8 +247,6 @@ def test_a_failure_of_the_copier_thread_is_the_copys(store: ObjectStore, tmp_pat
             assert threading.active_count() == 1
         finally:
             os.close(fd)
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_truncated_object_is_corruption(store: ObjectStore) -> None:
