@@ -189,6 +189,51 @@ def test_copy_into_leaves_its_objects_page_cache_as_it_found_it(tmp_path: Path, 
             os.close(obj)
 
 
+class _InlineQueue:
+    """Stands in for the prefetcher's queue: each hint is carried out at once, in the caller."""
+
+    def put(self, item: tuple[int, int, object]) -> None:
+        objects._prefetch_now(*item)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
+def test_a_streaming_read_asks_ahead_and_leaves_the_page_cache_as_it_found_it(
+        tmp_path: Path, cached: bool, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A sequential read of a big raw object, 1 MiB at a time as the kernel's readahead asks:
+    the next _PREFETCH is read ahead whole (in hints the kernel does not cut short), and an
+    object none of whose bytes were cached when the read began keeps no more than the last
+    stretches cached; one a reader had cached stays cached. The prefetcher's work is done
+    inline, so what it did is known when the read returns."""
+    monkeypatch.setattr(objects, "_prefetch_queue", _InlineQueue())
+    with ext4_mounted(tmp_path / "ext4", journal=True, mib=96) as fs:
+        store = ObjectStore(fs / "objects", fs / "tmp")
+        step, ahead = 1 << 20, objects._PREFETCH
+        n = 5 * ahead + 12345
+        data = os.urandom(n)
+        d = store.put_bytes(data)
+        obj = os.open(store.path(d), os.O_RDONLY)
+        try:
+            os.fsync(obj)
+            os.posix_fadvise(obj, 0, 0, os.POSIX_FADV_DONTNEED)
+            if cached:
+                assert os.pread(obj, n + 1, 0)[:n] == data
+            whole = hostdir.cached_pages(obj)
+            assert whole is not None, "cachestat(2) needs Linux 6.5"
+            with store.open(d) as r:
+                for at in range(0, n, step):
+                    assert r.pread(step, at) == data[at : at + step]
+                    if at + step == ahead:  # the read that asks for [2 ahead, 3 ahead)
+                        assert hostdir.cached_pages(obj, 2 * ahead, ahead) == ahead // 4096
+            after = hostdir.cached_pages(obj)
+            if cached:
+                assert whole == (store.stored_size(d) + 4095) // 4096 and after == whole
+            else:
+                assert whole <= 1  # the page of the trailer, read at open
+                assert after is not None and after * 4096 <= 2 * ahead
+        finally:
+            os.close(obj)
+
+
 @pytest.mark.parametrize("kind", ["text", "random"])
 @pytest.mark.parametrize("sized", [False, True], ids=["empty", "sized"])
 @pytest.mark.parametrize("step", [objects._COPY_STEP, 3 * FRAME_SIZE], ids=["one", "stretches"])
