@@ -271,10 +271,10 @@ class ObjectReader:
         at a time: 1.47-1.54 s keeping the object cached, 0.25-0.29 s dropping it behind.
         """
         view = self._mapped()
-        if self._behind is None:
-            self._behind = self._uncached()
         j = bisect.bisect_left(self._starts, end)
-        if j < len(self._starts):
+        if j < len(self._starts):  # (a read to the end, such as read_all, has nothing ahead)
+            if self._behind is None:
+                self._behind = self._uncached()
             _prefetch(self._fd, self._starts[j], view.obj if self._behind else None)
         for k in range(i, j):
             lo = self._starts[k]
@@ -572,7 +572,8 @@ _PREFETCH = 8 << 20  # how far ahead of a big read of a loose object the disk is
 # one WILLNEED hint (force_page_cache_ra): one 8 MiB hint read 2.5 MiB here, and the serving
 # thread's page faults read the rest, waiting for the disk (perf: a quarter of its time). With
 # 256 KiB hints the bench's 512 MiB cold read went from 0.79-0.90 s to 0.57-0.70 s and the
-# serving thread's CPU from 0.38 s to 0.26 s. 256 KiB is below that limit on any disk.
+# serving thread's CPU from 0.38 s to 0.26 s. 256 KiB is below that limit on any disk whose
+# max_sectors_kb is 256 or more (2.5 MiB on the bench disk, 8 MiB on this VM's own).
 _HINT = 256 << 10
 _prefetch_queue: SimpleQueue[tuple[int, int, mmap.mmap | None]] | None = None
 _prefetch_lock = _thread.allocate_lock()
