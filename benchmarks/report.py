@@ -220,12 +220,13 @@ def markdown(doc: dict, paths: dict[str, Path], base: Path) -> str:
     wfs = m.get("work_filesystem", fs)  # (results from before it was recorded: the same disk)
     warning = unordered_warning(wfs)
     rel = {k: os.path.relpath(v, base) for k, v in paths.items()}
+    warmup = " (each workload's samples of a run after an untimed one)" if doc.get("warmup") else ""
     lines = [
         "# cowfs benchmark results",
         "",
         f"`{doc['command']}` — {doc['created']}, profile **{doc['profile']['name']}**, "
-        f"{doc['runs']} run(s) per system{_stopped(doc)}, interleaved; the whole suite took "
-        f"{doc['duration_s'] / 60:.1f} min. Raw samples: [{rel['json']}]({rel['json']}); "
+        f"{doc['runs']} run(s) per system{_stopped(doc)}, interleaved{warmup}; the whole suite "
+        f"took {doc['duration_s'] / 60:.1f} min. Raw samples: [{rel['json']}]({rel['json']}); "
         f"chart: [{rel['chart']}]({rel['chart']}). Reproduce with `make bench` as root (it "
         "builds the data once: debootstrap needs the Debian mirror apt uses; on a host whose "
         "filesystem has no journal, put BENCH_OUT on one: scripts/bench-disk.sh).",

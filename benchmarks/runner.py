@@ -5,6 +5,11 @@ rotates with r, so slow drifts of the machine (other users of the 2 cores, the d
 spread over all systems instead of landing on one. Every other run goes the other way round: a
 rotation alone keeps each system behind the same one in every run, and what a sample leaves
 behind (page cache, memory the host takes back, writeback) then lands on the same neighbour.
+Each workload's samples in a run follow one untimed sample of the same workload on the first
+system: the first sample after another workload was slower whichever system took it (in the full
+bench at 79feb52, a 256 MiB copy-up's first sample took 1.3-2.3× the median of the others of
+its system, a 512 MiB write's 1.2-4.8×), and with 5 runs over 4 systems one system is first
+twice as often as the others.
 A failing sample is recorded with its error and the suite goes on; every mount a sample made is
 released before the next one starts.
 """
@@ -123,6 +128,7 @@ def run_suite(
             "profile": profile.as_dict(),
             "runs": done,
             "runs_requested": runs,
+            "warmup": True,  # each workload's samples of a run follow an untimed one
             "duration_s": round(time.time() - started, 1),
             "machine": machine.describe(data_dir, work),
             "cowfs_code": code,
@@ -152,7 +158,9 @@ def run_suite(
                 eligible = [s for s in live if w.applies_to(s)]
                 if not eligible:
                     continue
-                for s in sample_order(eligible, r, wi):
+                turn = sample_order(eligible, r, wi)
+                _one_sample(ctx, w, turn[0], r, metrics, log, timed=False)  # the warm-up
+                for s in turn:
                     _one_sample(ctx, w, s, r, metrics, log)
             done = r + 1
             if on_run is not None:
@@ -181,7 +189,10 @@ def sample_order(systems: list[T], run: int, workload: int) -> list[T]:
     return systems[k:] + systems[:k]
 
 
-def _one_sample(ctx: Context, w: Workload, s: System, r: int, metrics: dict, log: Log) -> None:
+def _one_sample(ctx: Context, w: Workload, s: System, r: int, metrics: dict, log: Log,
+                timed: bool = True) -> None:  # fmt: skip
+    """One sample of `w` on `s`, recorded in `metrics`; `timed=False`: a warm-up, only logged
+    (a failure too: the timed sample that follows records its own)."""
     run_dir = ctx.work / f"{w.name}.{s.name}.{r}"
     # A FUSE daemon that stops answering would hang this process in the kernel for good; past the
     # limit, aborting the connection makes every pending call fail with ENOTCONN instead.
@@ -192,13 +203,16 @@ def _one_sample(ctx: Context, w: Workload, s: System, r: int, metrics: dict, log
         sample = w.measure(ctx, s, run_dir)
     except (CowfsError, OSError, subprocess.SubprocessError) as exc:
         msg = str(exc.args[0]) if isinstance(exc, CowfsError) else f"{type(exc).__name__}: {exc}"
-        for m in w.metrics(ctx.profile):
+        for m in w.metrics(ctx.profile) if timed else ():
             metrics[m.key]["errors"].setdefault(s.name, []).append(msg)
-        log(f"run {r + 1} {w.name:22} {s.name:15} ERROR {msg}")
+        log(f"run {r + 1} {w.name:22} {s.name:15} ERROR {msg}{'' if timed else ' (warm-up)'}")
         return
     finally:
         watchdog.cancel()
         _remove_run_dir(run_dir)
+    if not timed:
+        log(f"run {r + 1} {w.name:22} {s.name:15} warm-up, untimed")
+        return
     for key, seconds in sample.values.items():
         metrics[key]["samples"].setdefault(s.name, []).append(round(seconds, 6))
         if sample.notes:

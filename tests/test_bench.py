@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -60,6 +61,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     try:
         assert proc.returncode == 0, proc.stderr[-3000:]
+        (out / "bench.log").write_text(proc.stderr)
         yield out
     finally:
         # The harness must have released everything itself; the assert below says so, and this
@@ -102,6 +104,27 @@ def test_quick_run_writes_json_with_every_system(quick_run: Path) -> None:
     walk = next(e for e in doc["results"] if e["metric"] == "stat-walk-find-cold")
     assert set(SYSTEMS) <= set(walk["median"])
     assert "import" in doc and "import_tar" in doc["import"], doc.get("import")
+
+
+def test_each_workload_of_a_run_starts_with_an_untimed_warm_up(quick_run: Path) -> None:
+    """The first sample after another workload was slow whichever system took it: each
+    workload's samples of a run follow one untimed sample of it on the first system. That one is
+    not recorded (test_quick_run_writes_json_with_every_system: one sample per system)."""
+    doc = json.loads((quick_run / "results.json").read_text())
+    assert doc["warmup"] is True
+    lines = (quick_run / "bench.log").read_text().splitlines()
+    sample = re.compile(r"run 1 (\S+)\s+(\S+)\s+[\d.]+ s$")
+    keys = {w.name: {m.key for m in w.metrics(QUICK)} for w in workloads.all_workloads()}
+    warmed = []
+    for i, line in enumerate(lines):
+        m = re.search(r"run 1 (\S+)\s+(\S+)\s+warm-up, untimed$", line)
+        if m is None:
+            continue
+        name, system = m.groups()
+        warmed.append(name)
+        after = next(s.groups() for ln in lines[i + 1 :] if (s := sample.search(ln)))
+        assert after[1] == system and after[0] in keys[name], (line, after)
+    assert warmed == [w.name for w in workloads.all_workloads() if not w.once]
 
 
 def test_quick_run_writes_markdown_table_and_chart(quick_run: Path) -> None:
